@@ -1,1 +1,29 @@
-//! placeholder
+//! Code both gitproxy programs use.
+//!
+//! Layout:
+//! - [`tunnel`]: the multiplexing machinery of `gitproxy.v1.Tunnel` that both
+//!   ends share (frame limits, per-request credit, the outbound queue).
+//! - [`errors`]: the product's error codes, their HTTP status and operator hints,
+//!   and the classification of network failures into those codes.
+//! - [`policy`]: which requests may travel to GitLab at all.
+//! - [`headers`]: hop-by-hop and `X-Gitproxy-*` filtering, wire conversion.
+//! - [`upstream`]: the HTTP client that replays a request against GitLab
+//!   (the agent, and the broker in direct mode).
+//! - [`tls`]: trust stores (public roots plus customer CAs) and server identities.
+//! - [`secret`]: a string whose `Debug`/`Display` never show the value.
+//! - [`logging`]: `tracing` set-up, text or JSON.
+
+pub mod errors;
+pub mod headers;
+pub mod logging;
+pub mod policy;
+pub mod secret;
+pub mod tls;
+pub mod tunnel;
+pub mod upstream;
+
+pub use errors::{ErrorCode, GitproxyError};
+pub use secret::Secret;
+
+/// Crate version shared by the broker and the agent (they ship together).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

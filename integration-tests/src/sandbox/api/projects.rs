@@ -1,0 +1,175 @@
+//! `/projects` and `/projects/:id`: visibility (all sandbox projects are private, so a
+//! caller sees the projects it is a member of), filters, ordering, both pagination
+//! styles, and the project JSON.
+
+use axum::body::Body;
+use http::{Response, StatusCode};
+use serde_json::{json, Value};
+
+use super::auth::{api_scopes, level, require_scope, Caller};
+use super::{error, json_response, message, pagination, ApiRequest};
+use crate::sandbox::state::Project;
+use crate::sandbox::Inner;
+
+/// Project JSON (`Entities::ProjectWithAccess`); `simple` gives `BasicProjectDetails`.
+pub fn project_json(inner: &Inner, p: &Project, access: u32, simple: bool) -> Value {
+    let ext = &inner.external_url;
+    let pwn = p.path_with_namespace();
+    let host = url::Url::parse(ext)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_string))
+        .unwrap_or_else(|| "localhost".into());
+    let mut v = json!({
+        "id": p.id,
+        "description": "",
+        "name": p.name,
+        "name_with_namespace": format!("{} / {}", p.namespace, p.name),
+        "path": p.path,
+        "path_with_namespace": pwn,
+        "created_at": p.created_at,
+        "default_branch": p.default_branch,
+        "tag_list": [],
+        "topics": [],
+        "ssh_url_to_repo": format!("git@{host}:{pwn}.git"),
+        "http_url_to_repo": format!("{ext}/{pwn}.git"),
+        "web_url": format!("{ext}/{pwn}"),
+        "readme_url": null,
+        "forks_count": 0,
+        "avatar_url": null,
+        "star_count": 0,
+        "last_activity_at": p.created_at,
+        "namespace": {
+            "id": 1,
+            "name": p.namespace,
+            "path": p.namespace,
+            "kind": "group",
+            "full_path": p.namespace,
+            "parent_id": null,
+            "avatar_url": null,
+            "web_url": format!("{ext}/groups/{}", p.namespace),
+        },
+    });
+    if !simple {
+        if let Value::Object(m) = &mut v {
+            m.insert("visibility".into(), json!("private"));
+            m.insert("archived".into(), json!(false));
+            m.insert("empty_repo".into(), json!(false));
+            m.insert("merge_requests_enabled".into(), json!(true));
+            m.insert("issues_enabled".into(), json!(true));
+            m.insert(
+                "_links".into(),
+                json!({
+                    "self": format!("{ext}/api/v4/projects/{}", p.id),
+                    "merge_requests": format!("{ext}/api/v4/projects/{}/merge_requests", p.id),
+                    "repo_branches": format!("{ext}/api/v4/projects/{}/repository/branches", p.id),
+                }),
+            );
+            m.insert(
+                "permissions".into(),
+                json!({
+                    "project_access": if access > 0 {
+                        json!({"access_level": access, "notification_level": 3})
+                    } else {
+                        Value::Null
+                    },
+                    "group_access": null
+                }),
+            );
+        }
+    }
+    v
+}
+
+/// The 404 GitLab answers for a project that does not exist or is not visible.
+pub fn not_found() -> Response<Body> {
+    message(StatusCode::NOT_FOUND, "404 Project Not Found")
+}
+
+/// Finds a project visible to `caller` (any membership) and the caller's level.
+pub fn visible(
+    inner: &Inner,
+    id: &str,
+    caller: Option<&Caller>,
+) -> Result<(Project, u32), Response<Body>> {
+    let st = inner.lock();
+    let p = st.find_project(id).cloned().ok_or_else(not_found)?;
+    let lvl = level(&p, caller);
+    if lvl == 0 {
+        return Err(not_found());
+    }
+    Ok((p, lvl))
+}
+
+/// `GET /projects`.
+pub fn list(inner: &Inner, req: &ApiRequest, caller: Option<&Caller>) -> Response<Body> {
+    if caller.is_some() {
+        if let Err(r) = require_scope(caller, api_scopes(false)) {
+            return r;
+        }
+    }
+    let keyset = req.param("pagination").as_deref() == Some("keyset");
+    let order_by = req.param("order_by").unwrap_or_else(|| "created_at".into());
+    let desc = req.param("sort").as_deref() != Some("asc");
+    if keyset && order_by != "id" {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "Keyset pagination is not yet available for this type of request",
+        );
+    }
+    let min_level = req
+        .param("min_access_level")
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(0);
+    let search = req.param("search").map(|s| s.to_ascii_lowercase());
+    let simple = req.flag("simple");
+    let mut rows: Vec<(Project, u32)> = {
+        let st = inner.lock();
+        st.projects
+            .iter()
+            .map(|p| (p.clone(), level(p, caller)))
+            .filter(|(_, l)| *l > 0 && *l >= min_level)
+            .filter(|(p, _)| match &search {
+                Some(s) => {
+                    p.name.to_ascii_lowercase().contains(s)
+                        || p.path.to_ascii_lowercase().contains(s)
+                }
+                None => true,
+            })
+            .collect()
+    };
+    match order_by.as_str() {
+        "name" => rows.sort_by(|a, b| a.0.name.cmp(&b.0.name).then(a.0.id.cmp(&b.0.id))),
+        "path" => rows.sort_by(|a, b| a.0.path.cmp(&b.0.path).then(a.0.id.cmp(&b.0.id))),
+        // id, created_at, last_activity_at, updated_at: creation order is id order here.
+        _ => rows.sort_by_key(|r| r.0.id),
+    }
+    if desc {
+        rows.reverse();
+    }
+    let ext = inner.external_url.as_str();
+    let (page, headers) = if keyset {
+        pagination::keyset(ext, req, &rows, |r| r.0.id, desc)
+    } else {
+        pagination::offset(ext, req, &rows)
+    };
+    let body: Vec<Value> = page
+        .iter()
+        .map(|(p, l)| project_json(inner, p, *l, simple))
+        .collect();
+    let mut resp = json_response(StatusCode::OK, &Value::Array(body));
+    resp.headers_mut().extend(headers);
+    resp
+}
+
+/// `GET /projects/:id`.
+pub fn get(inner: &Inner, id: &str, caller: Option<&Caller>) -> Response<Body> {
+    if caller.is_some() {
+        if let Err(r) = require_scope(caller, api_scopes(false)) {
+            return r;
+        }
+    }
+    match visible(inner, id, caller) {
+        Ok((p, l)) => json_response(StatusCode::OK, &project_json(inner, &p, l, false)),
+        Err(r) => r,
+    }
+}

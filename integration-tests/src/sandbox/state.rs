@@ -1,0 +1,131 @@
+//! In-memory model of the simulated GitLab: users, tokens, projects, merge
+//! requests, plus the audit trail (credentials seen, requests served).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// GitLab access levels (`Gitlab::Access`).
+pub mod access {
+    /// Guest.
+    pub const GUEST: u32 = 10;
+    /// Reporter.
+    pub const REPORTER: u32 = 20;
+    /// Developer.
+    pub const DEVELOPER: u32 = 30;
+    /// Maintainer.
+    pub const MAINTAINER: u32 = 40;
+    /// Owner.
+    pub const OWNER: u32 = 50;
+}
+
+/// A user account.
+#[derive(Debug, Clone)]
+pub struct User {
+    pub id: u64,
+    pub username: String,
+    pub name: String,
+    pub created_at: String,
+}
+
+/// A personal access token as stored by the sandbox.
+#[derive(Debug, Clone)]
+pub struct Token {
+    pub id: u64,
+    pub name: String,
+    pub token: String,
+    pub user_id: u64,
+    pub scopes: Vec<String>,
+    pub expires_at: Option<String>,
+    pub revoked: bool,
+    pub active: bool,
+    pub created_at: String,
+    pub last_used_at: Option<String>,
+}
+
+/// A project (always `private` visibility) backed by a bare repository.
+#[derive(Debug, Clone)]
+pub struct Project {
+    pub id: u64,
+    pub name: String,
+    pub path: String,
+    pub namespace: String,
+    pub default_branch: String,
+    pub members: BTreeMap<u64, u32>,
+    pub repo_dir: PathBuf,
+    pub created_at: String,
+}
+
+impl Project {
+    /// `group/name`.
+    pub fn path_with_namespace(&self) -> String {
+        format!("{}/{}", self.namespace, self.path)
+    }
+
+    /// The access level `user_id` holds, if a member.
+    pub fn access_of(&self, user_id: u64) -> Option<u32> {
+        self.members.get(&user_id).copied()
+    }
+}
+
+/// A merge request.
+#[derive(Debug, Clone)]
+pub struct MergeRequest {
+    pub id: u64,
+    pub iid: u64,
+    pub project_id: u64,
+    pub title: String,
+    pub description: String,
+    pub state: String,
+    pub source_branch: String,
+    pub target_branch: String,
+    pub author_id: u64,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+/// Everything the sandbox knows, behind one mutex.
+#[derive(Debug, Default)]
+pub struct State {
+    pub users: Vec<User>,
+    pub tokens: Vec<Token>,
+    pub projects: Vec<Project>,
+    pub merge_requests: Vec<MergeRequest>,
+    pub seen_tokens: Vec<String>,
+    pub request_log: Vec<(String, String)>,
+    next_id: u64,
+}
+
+impl State {
+    /// A fresh id (shared sequence; GitLab ids only need to be unique per type).
+    pub fn next_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    pub fn user(&self, id: u64) -> Option<&User> {
+        self.users.iter().find(|u| u.id == id)
+    }
+
+    pub fn token(&self, value: &str) -> Option<&Token> {
+        self.tokens.iter().find(|t| t.token == value)
+    }
+
+    pub fn token_mut(&mut self, value: &str) -> Option<&mut Token> {
+        self.tokens.iter_mut().find(|t| t.token == value)
+    }
+
+    pub fn project(&self, id: u64) -> Option<&Project> {
+        self.projects.iter().find(|p| p.id == id)
+    }
+
+    /// Looks a project up by numeric id or `namespace/path` (case-insensitive, as GitLab).
+    pub fn find_project(&self, id_or_path: &str) -> Option<&Project> {
+        if let Ok(id) = id_or_path.parse::<u64>() {
+            return self.project(id);
+        }
+        let wanted = id_or_path.trim_end_matches(".git").to_ascii_lowercase();
+        self.projects
+            .iter()
+            .find(|p| p.path_with_namespace().to_ascii_lowercase() == wanted)
+    }
+}

@@ -1,0 +1,405 @@
+//! The product's error codes (SPEC section 3.1), their HTTP status and the
+//! hint an operator needs, and the classification of network failures into
+//! those codes by walking the error's source chain.
+
+use serde::Serialize;
+use std::error::Error as StdError;
+use std::fmt;
+
+/// Errors made by gitproxy itself (never by GitLab). Sent to callers with
+/// header `X-Gitproxy-Error: <code>` and a JSON body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// Missing or wrong `X-Gitproxy-Key`.
+    Unauthorized,
+    /// No such connection.
+    UnknownConnection,
+    /// Agent mode and no agent is connected.
+    AgentNotConnected,
+    /// The agent went away during the request.
+    AgentDisconnected,
+    /// Refused by the request policy (broker or agent).
+    BlockedByPolicy,
+    /// GitLab could not be reached (DNS, refused, connect timeout, reset).
+    UpstreamUnreachable,
+    /// TLS to GitLab failed.
+    UpstreamTls,
+    /// The corporate proxy answered with an error.
+    ProxyError,
+    /// The request's deadline passed.
+    Timeout,
+    /// Too many requests in flight for the connection.
+    Overloaded,
+    /// A peer broke the tunnel protocol (frame order, credit, sizes).
+    ProtocolError,
+    /// The request itself is malformed.
+    BadRequest,
+    /// A bug or an unexpected local failure.
+    Internal,
+}
+
+impl ErrorCode {
+    /// Every code, for documentation and tests.
+    pub const ALL: [ErrorCode; 13] = [
+        ErrorCode::Unauthorized,
+        ErrorCode::UnknownConnection,
+        ErrorCode::AgentNotConnected,
+        ErrorCode::AgentDisconnected,
+        ErrorCode::BlockedByPolicy,
+        ErrorCode::UpstreamUnreachable,
+        ErrorCode::UpstreamTls,
+        ErrorCode::ProxyError,
+        ErrorCode::Timeout,
+        ErrorCode::Overloaded,
+        ErrorCode::ProtocolError,
+        ErrorCode::BadRequest,
+        ErrorCode::Internal,
+    ];
+
+    /// The wire name (`X-Gitproxy-Error`, JSON `error`, tunnel `Error.code`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::UnknownConnection => "unknown_connection",
+            ErrorCode::AgentNotConnected => "agent_not_connected",
+            ErrorCode::AgentDisconnected => "agent_disconnected",
+            ErrorCode::BlockedByPolicy => "blocked_by_policy",
+            ErrorCode::UpstreamUnreachable => "upstream_unreachable",
+            ErrorCode::UpstreamTls => "upstream_tls",
+            ErrorCode::ProxyError => "proxy_error",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::Overloaded => "overloaded",
+            ErrorCode::ProtocolError => "protocol_error",
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    /// Parses a wire name; unknown names become `Internal` so a newer peer
+    /// never breaks an older one.
+    pub fn parse(s: &str) -> ErrorCode {
+        ErrorCode::ALL
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .unwrap_or(ErrorCode::Internal)
+    }
+
+    /// HTTP status the front door answers with.
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::Unauthorized => 401,
+            ErrorCode::UnknownConnection => 404,
+            ErrorCode::AgentNotConnected | ErrorCode::Overloaded => 503,
+            ErrorCode::AgentDisconnected
+            | ErrorCode::UpstreamUnreachable
+            | ErrorCode::UpstreamTls
+            | ErrorCode::ProxyError
+            | ErrorCode::ProtocolError => 502,
+            ErrorCode::BlockedByPolicy => 403,
+            ErrorCode::Timeout => 504,
+            ErrorCode::BadRequest => 400,
+            ErrorCode::Internal => 500,
+        }
+    }
+
+    /// Whether the answer carries `Retry-After`.
+    pub fn retry_after_secs(self) -> Option<u32> {
+        match self {
+            ErrorCode::AgentNotConnected => Some(5),
+            ErrorCode::Overloaded => Some(1),
+            _ => None,
+        }
+    }
+
+    /// The generic hint for this code; specific failures refine it.
+    pub fn default_hint(self) -> &'static str {
+        match self {
+            ErrorCode::Unauthorized => "Send the API key in the X-Gitproxy-Key header.",
+            ErrorCode::UnknownConnection => {
+                "Check the connection id in the URL (/gitlab/{connection}/...); GET /v1/connections lists them."
+            }
+            ErrorCode::AgentNotConnected => {
+                "Start the gitproxy-agent for this connection (helm install gitproxy-agent) and check its logs; `gitproxy-agent check` diagnoses broker reachability, TLS and the accessKey."
+            }
+            ErrorCode::AgentDisconnected => {
+                "The agent went away while serving this request (restart, crash or network cut). Retry; if it repeats, check the agent's logs and resources."
+            }
+            ErrorCode::BlockedByPolicy => {
+                "Only the GitLab REST API (/api/v4/..., /api/graphql) and git smart HTTP paths may be sent to GitLab."
+            }
+            ErrorCode::UpstreamUnreachable => {
+                "Check the GitLab URL, DNS and firewall from where the request is replayed. If GitLab is only reachable through the corporate proxy, set proxy.httpsProxy."
+            }
+            ErrorCode::UpstreamTls => {
+                "TLS to GitLab failed. If GitLab uses a certificate from an internal CA, set customCaCert (GITPROXY_CA_CERT_FILE) to that CA bundle."
+            }
+            ErrorCode::ProxyError => {
+                "The corporate proxy could not reach GitLab. If GitLab is inside your network, add its host to proxy.noProxy (NO_PROXY)."
+            }
+            ErrorCode::Timeout => "GitLab did not answer in time. Check GitLab's load, or raise the request timeout.",
+            ErrorCode::Overloaded => "Too many requests in flight for this connection; retry after the delay.",
+            ErrorCode::ProtocolError => {
+                "The agent and broker disagreed on the tunnel protocol. Run the same gitproxy version on both sides."
+            }
+            ErrorCode::BadRequest => "The request is malformed.",
+            ErrorCode::Internal => "An unexpected error occurred in gitproxy; see its logs.",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An error made by gitproxy, with the operator's next step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
+#[error("{error}: {message}")]
+pub struct GitproxyError {
+    /// The code's wire name (kept as a string in JSON).
+    #[serde(serialize_with = "ser_code")]
+    pub error: ErrorCode,
+    /// What happened, for humans. Never contains secrets.
+    pub message: String,
+    /// What to change.
+    pub hint: String,
+}
+
+fn ser_code<S: serde::Serializer>(c: &ErrorCode, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(c.as_str())
+}
+
+impl GitproxyError {
+    /// An error with the code's default hint.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        GitproxyError {
+            error: code,
+            message: message.into(),
+            hint: code.default_hint().to_string(),
+        }
+    }
+
+    /// Replaces the hint.
+    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = hint.into();
+        self
+    }
+
+    /// The code.
+    pub fn code(&self) -> ErrorCode {
+        self.error
+    }
+
+    /// The JSON body `{"error", "message", "hint"}`.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| format!("{{\"error\":\"{}\"}}", self.error))
+    }
+}
+
+/// What the request was sent through, to name the right fix.
+#[derive(Debug, Clone, Default)]
+pub struct Route {
+    /// The GitLab host (and port when not default), as in hints.
+    pub gitlab_host: String,
+    /// The proxy the request went through, redacted, if any.
+    pub proxy: Option<String>,
+}
+
+/// Turns a failure to reach GitLab into the product's error, by walking the
+/// source chain: TLS verification errors, proxy tunnel refusals, DNS,
+/// refused connections and timeouts each name their fix.
+pub fn classify_upstream(err: &(dyn StdError + 'static), route: &Route) -> GitproxyError {
+    let chain = Chain::new(err);
+    let host = &route.gitlab_host;
+
+    if let Some(tls) = chain.find::<rustls::Error>() {
+        return classify_tls(tls, host);
+    }
+    let text = chain.text();
+    if let Some(proxy) = &route.proxy {
+        // hyper-util's CONNECT tunnel reports "unsuccessful tunnel" when the
+        // proxy answers the CONNECT with anything but 2xx (e.g. 502/503/403).
+        if text.contains("tunnel") || text.contains("proxy") {
+            return proxy_error(
+                host,
+                proxy,
+                &format!("the proxy refused to open a tunnel to {host}: {text}"),
+            );
+        }
+    }
+    if text.contains("dns error") || text.contains("failed to lookup address") {
+        return GitproxyError::new(
+            ErrorCode::UpstreamUnreachable,
+            format!("cannot resolve the GitLab host {host}: {text}"),
+        )
+        .with_hint(format!(
+            "DNS cannot resolve {host} from where the request is replayed. Check the GitLab URL; if only the corporate proxy can resolve it, set proxy.httpsProxy and keep {host} out of proxy.noProxy."
+        ));
+    }
+    if let Some(io) = chain.find::<std::io::Error>() {
+        use std::io::ErrorKind::*;
+        if matches!(io.kind(), TimedOut) {
+            return GitproxyError::new(
+                ErrorCode::UpstreamUnreachable,
+                format!("connecting to {host} timed out: {text}"),
+            );
+        }
+        if matches!(io.kind(), ConnectionRefused) {
+            if let Some(proxy) = &route.proxy {
+                return GitproxyError::new(
+                    ErrorCode::ProxyError,
+                    format!("the corporate proxy {proxy} refused the connection: {text}"),
+                )
+                .with_hint(format!(
+                    "Check proxy.httpsProxy ({proxy}). If {host} is inside your network, add it to proxy.noProxy."
+                ));
+            }
+            return GitproxyError::new(
+                ErrorCode::UpstreamUnreachable,
+                format!("{host} refused the connection: {text}"),
+            )
+            .with_hint(format!(
+                "Nothing accepts connections at {host}. Check the GitLab URL (scheme and port) and that GitLab is running."
+            ));
+        }
+    }
+    if text.contains("timed out") || text.contains("deadline") {
+        return GitproxyError::new(ErrorCode::Timeout, format!("GitLab did not answer in time: {text}"));
+    }
+    GitproxyError::new(
+        ErrorCode::UpstreamUnreachable,
+        format!("request to {host} failed: {text}"),
+    )
+}
+
+/// The `proxy_error` for `host`, naming the noProxy fix.
+pub fn proxy_error(host: &str, proxy: &str, message: &str) -> GitproxyError {
+    let bare = host.split(':').next().unwrap_or(host);
+    GitproxyError::new(ErrorCode::ProxyError, message.to_string()).with_hint(format!(
+        "The corporate proxy ({proxy}) could not reach {bare} (Bad Gateway). GitLab inside your network must not go through the proxy: add {bare} (or its domain, or its CIDR) to proxy.noProxy (NO_PROXY)."
+    ))
+}
+
+fn classify_tls(tls: &rustls::Error, host: &str) -> GitproxyError {
+    use rustls::{CertificateError, Error as E};
+    match tls {
+        E::InvalidCertificate(CertificateError::UnknownIssuer)
+        | E::InvalidCertificate(CertificateError::BadSignature) => GitproxyError::new(
+            ErrorCode::UpstreamTls,
+            format!("x509: certificate signed by unknown authority (GitLab at {host})"),
+        )
+        .with_hint(
+            "GitLab's certificate comes from a CA the agent does not trust. Set customCaCert in the Helm values (--set-file customCaCert=ca.pem, or GITPROXY_CA_CERT_FILE) to your internal CA bundle.",
+        ),
+        E::InvalidCertificate(CertificateError::Expired)
+        | E::InvalidCertificate(CertificateError::ExpiredContext { .. }) => GitproxyError::new(
+            ErrorCode::UpstreamTls,
+            format!("x509: certificate has expired (GitLab at {host})"),
+        )
+        .with_hint("GitLab's TLS certificate has expired: renew it on the GitLab server."),
+        E::InvalidCertificate(CertificateError::NotValidForName)
+        | E::InvalidCertificate(CertificateError::NotValidForNameContext { .. }) => GitproxyError::new(
+            ErrorCode::UpstreamTls,
+            format!("x509: certificate is not valid for {host}"),
+        )
+        .with_hint("The GitLab URL's host name is not in GitLab's certificate: use the name the certificate was issued for."),
+        other => GitproxyError::new(
+            ErrorCode::UpstreamTls,
+            format!("TLS handshake with {host} failed: {other}"),
+        ),
+    }
+}
+
+/// The source chain of an error, for classification and one-line messages.
+pub struct Chain<'a> {
+    errors: Vec<&'a (dyn StdError + 'static)>,
+}
+
+impl<'a> Chain<'a> {
+    /// Collects `err` and its sources.
+    pub fn new(err: &'a (dyn StdError + 'static)) -> Self {
+        let mut errors = Vec::new();
+        let mut cur = Some(err);
+        while let Some(e) = cur {
+            errors.push(e);
+            // `io::Error::source` skips the error it wraps (it returns the
+            // wrapped error's source), which would hide e.g. rustls errors.
+            cur = match e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+                Some(inner) => Some(inner as &(dyn StdError + 'static)),
+                None => e.source(),
+            };
+            if errors.len() > 32 {
+                break;
+            }
+        }
+        Chain { errors }
+    }
+
+    /// The first error of type `T` in the chain.
+    pub fn find<T: StdError + 'static>(&self) -> Option<&'a T> {
+        self.errors.iter().find_map(|e| e.downcast_ref::<T>())
+    }
+
+    /// Every distinct message of the chain joined by ": ".
+    pub fn text(&self) -> String {
+        let mut out: Vec<String> = Vec::new();
+        for e in &self.errors {
+            let s = e.to_string();
+            if !out.iter().any(|o| o.contains(&s)) {
+                out.push(s);
+            }
+        }
+        out.join(": ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_round_trip_and_have_statuses() {
+        for c in ErrorCode::ALL {
+            assert_eq!(ErrorCode::parse(c.as_str()), c);
+            assert!((400..600).contains(&c.http_status()));
+        }
+        assert_eq!(ErrorCode::parse("something-new"), ErrorCode::Internal);
+    }
+
+    #[test]
+    fn json_shape() {
+        let e = GitproxyError::new(ErrorCode::AgentNotConnected, "no agent");
+        let v: serde_json::Value = serde_json::from_str(&e.to_json()).unwrap();
+        assert_eq!(v["error"], "agent_not_connected");
+        assert_eq!(v["message"], "no agent");
+        assert!(v["hint"].as_str().unwrap().contains("gitproxy-agent"));
+    }
+
+    #[test]
+    fn unknown_ca_names_custom_ca_cert() {
+        let err = std::io::Error::other(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::UnknownIssuer,
+        ));
+        let e = classify_upstream(&err, &Route { gitlab_host: "gitlab.corp".into(), proxy: None });
+        assert_eq!(e.error, ErrorCode::UpstreamTls);
+        assert!(e.message.contains("unknown authority"));
+        assert!(e.hint.contains("customCaCert"));
+    }
+
+    #[test]
+    fn refused_tunnel_names_no_proxy() {
+        let err = std::io::Error::other("unsuccessful tunnel");
+        let route = Route { gitlab_host: "gitlab.corp:443".into(), proxy: Some("http://proxy:3128".into()) };
+        let e = classify_upstream(&err, &route);
+        assert_eq!(e.error, ErrorCode::ProxyError);
+        assert!(e.hint.contains("proxy.noProxy") && e.hint.contains("gitlab.corp"));
+    }
+
+    #[test]
+    fn refused_connection_is_unreachable() {
+        let err = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let e = classify_upstream(&err, &Route { gitlab_host: "127.0.0.1:1".into(), proxy: None });
+        assert_eq!(e.error, ErrorCode::UpstreamUnreachable);
+    }
+}

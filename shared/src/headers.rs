@@ -1,0 +1,146 @@
+//! Header handling at the edges of the tunnel: hop-by-hop and `X-Gitproxy-*`
+//! headers never travel, and headers convert to and from the wire form.
+
+use gitproxy_proto::v1::Header;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+
+/// Headers that only describe one HTTP hop (RFC 9110 section 7.6.1).
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Prefix of gitproxy's own headers, stripped before anything reaches GitLab.
+pub const GITPROXY_PREFIX: &str = "x-gitproxy-";
+
+/// Largest total size of one head's headers, in bytes (names plus values).
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// Whether a header must not be forwarded, given the names the `Connection`
+/// header lists.
+fn is_dropped(name: &str, connection_listed: &[String]) -> bool {
+    HOP_BY_HOP.contains(&name)
+        || name.starts_with(GITPROXY_PREFIX)
+        || connection_listed.iter().any(|c| c == name)
+}
+
+fn connection_listed(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// Request headers as they travel to GitLab: without hop-by-hop,
+/// `X-Gitproxy-*`, `Host` (the upstream client sets its own) and
+/// `Content-Length` (carried as the head's `content_length`).
+pub fn request_to_wire(headers: &HeaderMap) -> Vec<Header> {
+    let listed = connection_listed(headers);
+    headers
+        .iter()
+        .filter(|(n, _)| {
+            let n = n.as_str();
+            !is_dropped(n, &listed) && n != "host" && n != "content-length"
+        })
+        .map(|(n, v)| Header {
+            name: n.as_str().to_string(),
+            value: v.as_bytes().to_vec(),
+        })
+        .collect()
+}
+
+/// Response headers as they travel back: without hop-by-hop and
+/// `X-Gitproxy-*`. `Content-Length` stays, so a short body is detected.
+pub fn response_to_wire(headers: &HeaderMap) -> Vec<Header> {
+    let listed = connection_listed(headers);
+    headers
+        .iter()
+        .filter(|(n, _)| !is_dropped(n.as_str(), &listed))
+        .map(|(n, v)| Header {
+            name: n.as_str().to_string(),
+            value: v.as_bytes().to_vec(),
+        })
+        .collect()
+}
+
+/// Rebuilds a header map from the wire, dropping anything invalid or
+/// hop-by-hop (the peer's filter is not trusted). Errors when the total size
+/// exceeds [`MAX_HEADER_BYTES`].
+pub fn from_wire(headers: &[Header]) -> Result<HeaderMap, String> {
+    let total: usize = headers.iter().map(|h| h.name.len() + h.value.len()).sum();
+    if total > MAX_HEADER_BYTES {
+        return Err(format!(
+            "headers of {total} bytes exceed the limit of {MAX_HEADER_BYTES}"
+        ));
+    }
+    let mut map = HeaderMap::with_capacity(headers.len());
+    for h in headers {
+        let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) else {
+            continue;
+        };
+        if is_dropped(name.as_str(), &[]) {
+            continue;
+        }
+        let Ok(value) = HeaderValue::from_bytes(&h.value) else {
+            continue;
+        };
+        map.append(name, value);
+    }
+    Ok(map)
+}
+
+/// Total size of a wire head's headers.
+pub fn wire_size(headers: &[Header]) -> usize {
+    headers.iter().map(|h| h.name.len() + h.value.len()).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_own_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("keep-alive, x-custom"));
+        h.insert("x-custom", HeaderValue::from_static("1"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("x-gitproxy-key", HeaderValue::from_static("secret"));
+        h.insert("host", HeaderValue::from_static("broker"));
+        h.insert("content-length", HeaderValue::from_static("3"));
+        h.insert("private-token", HeaderValue::from_static("t"));
+        h.insert("accept", HeaderValue::from_static("application/json"));
+        let wire = request_to_wire(&h);
+        let names: Vec<_> = wire.iter().map(|h| h.name.as_str()).collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(names.contains(&"private-token") && names.contains(&"accept"));
+    }
+
+    #[test]
+    fn from_wire_rejects_oversized_and_drops_invalid() {
+        let big = vec![Header {
+            name: "x".into(),
+            value: vec![b'a'; MAX_HEADER_BYTES + 1],
+        }];
+        assert!(from_wire(&big).is_err());
+        let odd = vec![
+            Header { name: "bad name".into(), value: b"1".to_vec() },
+            Header { name: "x-ok".into(), value: b"1".to_vec() },
+            Header { name: "x-bad".into(), value: b"a\nb".to_vec() },
+            Header { name: "upgrade".into(), value: b"h2c".to_vec() },
+        ];
+        let map = from_wire(&odd).unwrap();
+        assert_eq!(map.len(), 1);
+        assert!(map.contains_key("x-ok"));
+    }
+}

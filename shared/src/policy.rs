@@ -1,0 +1,165 @@
+//! The request policy: the agent is not an open proxy.
+//!
+//! Only requests for GitLab's REST API (`/api/v4/...`, `/api/graphql`) and git
+//! smart HTTP (`/<project>.git/info/refs`, `git-upload-pack`,
+//! `git-receive-pack`, plus git LFS under `.git/info/lfs/`) may travel, in
+//! origin form, relative to the GitLab base URL. The agent enforces it on
+//! every request; the broker runs the same check before a request travels.
+
+use percent_encoding::percent_decode_str;
+
+/// Methods never forwarded.
+const FORBIDDEN_METHODS: [&str; 3] = ["CONNECT", "TRACE", "TRACK"];
+
+/// Which paths may reach GitLab.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    allow_api: bool,
+    allow_git: bool,
+    extra_prefixes: Vec<String>,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            allow_api: true,
+            allow_git: true,
+            extra_prefixes: Vec::new(),
+        }
+    }
+}
+
+impl Policy {
+    /// The default policy plus extra allowed path prefixes (each must start
+    /// with `/`).
+    pub fn with_extra_prefixes(prefixes: Vec<String>) -> Result<Self, String> {
+        for p in &prefixes {
+            if !p.starts_with('/') || p.contains("..") {
+                return Err(format!(
+                    "allowed path prefix {p:?} must start with '/' and contain no '..'"
+                ));
+            }
+        }
+        Ok(Policy {
+            extra_prefixes: prefixes,
+            ..Policy::default()
+        })
+    }
+
+    /// Checks a request. `target` is the origin-form path and query relative to
+    /// the GitLab base URL. The error says why, for the log and the caller.
+    pub fn check(&self, method: &str, target: &str) -> Result<(), String> {
+        let upper = method.to_ascii_uppercase();
+        if FORBIDDEN_METHODS.contains(&upper.as_str()) {
+            return Err(format!("method {upper} is never forwarded"));
+        }
+        if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic()) {
+            return Err("malformed method".into());
+        }
+        if !target.starts_with('/') || target.starts_with("//") {
+            return Err("only origin-form request targets (\"/path?query\") are forwarded, not absolute or authority form".into());
+        }
+        if target
+            .bytes()
+            .any(|b| b.is_ascii_control() || b == b' ' || b == b'\\' || b == b'#')
+        {
+            return Err("the request target contains forbidden characters".into());
+        }
+        let path = target.split('?').next().unwrap_or("");
+        let decoded = percent_decode_str(path).decode_utf8_lossy();
+        if decoded.contains('\\') || decoded.contains('\0') {
+            return Err("the path contains forbidden characters once decoded".into());
+        }
+        if decoded.split('/').any(|seg| seg == ".." || seg == ".") {
+            return Err("the path contains '.' or '..' segments".into());
+        }
+        if self.allowed_path(path) {
+            Ok(())
+        } else {
+            Err(format!(
+                "path {} is neither GitLab's REST API nor git smart HTTP",
+                truncate(path, 200)
+            ))
+        }
+    }
+
+    fn allowed_path(&self, path: &str) -> bool {
+        if self.allow_api
+            && (path == "/api/v4"
+                || path.starts_with("/api/v4/")
+                || path == "/api/graphql")
+        {
+            return true;
+        }
+        if self.allow_git && is_git_path(path) {
+            return true;
+        }
+        self.extra_prefixes.iter().any(|p| path.starts_with(p.as_str()))
+    }
+}
+
+/// `/<namespace>/<project>.git/<smart HTTP endpoint>`.
+fn is_git_path(path: &str) -> bool {
+    let Some(idx) = path.find(".git/") else {
+        return false;
+    };
+    if idx <= 1 {
+        return false;
+    }
+    let rest = &path[idx + ".git".len()..];
+    matches!(rest, "/info/refs" | "/git-upload-pack" | "/git-receive-pack")
+        || rest.starts_with("/info/lfs/")
+}
+
+fn truncate(s: &str, n: usize) -> &str {
+    match s.char_indices().nth(n) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(m: &str, t: &str) -> bool {
+        Policy::default().check(m, t).is_ok()
+    }
+
+    #[test]
+    fn allows_gitlab_api_and_git() {
+        assert!(ok("GET", "/api/v4/projects?membership=true&page=2"));
+        assert!(ok("GET", "/api/v4/projects/group%2Fproject/repository/files/a%2Fb.json?ref=main"));
+        assert!(ok("POST", "/api/graphql"));
+        assert!(ok("GET", "/group/sub/project.git/info/refs?service=git-upload-pack"));
+        assert!(ok("POST", "/group/project.git/git-upload-pack"));
+        assert!(ok("POST", "/group/project.git/git-receive-pack"));
+        assert!(ok("POST", "/group/project.git/info/lfs/objects/batch"));
+    }
+
+    #[test]
+    fn refuses_traversal_absolute_form_and_methods() {
+        assert!(!ok("GET", "/../../etc/passwd"));
+        assert!(!ok("GET", "/api/v4/../../etc/passwd"));
+        assert!(!ok("GET", "/api/v4/%2e%2e/%2E%2e/etc/passwd"));
+        assert!(!ok("GET", "/api/v4/projects/..%2F..%2Fadmin"));
+        assert!(!ok("GET", "http://evil.example/api/v4/projects"));
+        assert!(!ok("GET", "//evil.example/api/v4/projects"));
+        assert!(!ok("CONNECT", "/api/v4/projects"));
+        assert!(!ok("TRACE", "/api/v4/projects"));
+        assert!(!ok("GET", "/admin/users"));
+        assert!(!ok("GET", "/users/sign_in"));
+        assert!(!ok("GET", "/.git/info/refs"));
+        assert!(!ok("GET", "/api/v4\\..\\x"));
+        assert!(!ok("GET", "/api/v4/x y"));
+        assert!(!ok("G ET", "/api/v4/x"));
+        assert!(!ok("GET", "/api/v5/projects"));
+    }
+
+    #[test]
+    fn extra_prefixes() {
+        let p = Policy::with_extra_prefixes(vec!["/-/health".into()]).unwrap();
+        assert!(p.check("GET", "/-/health").is_ok());
+        assert!(Policy::with_extra_prefixes(vec!["nope".into()]).is_err());
+    }
+}

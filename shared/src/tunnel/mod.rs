@@ -1,0 +1,18 @@
+//! The multiplexing machinery both ends of `gitproxy.v1.Tunnel` share.
+//!
+//! - [`limits`]: window, chunk and frame-cost settings and their validation.
+//! - [`credit`]: per-request, per-direction credit: what a sender may still
+//!   send, what a receiver has buffered and when it hands credit back.
+//! - [`outbound`]: the single outbound queue of a stream. Data frames go through
+//!   a bounded channel; control frames (credit, cancel, pong) are coalesced in a
+//!   small table and sent first, so they are never stuck behind bulk data and
+//!   can be posted from synchronous code (`Drop`, `poll`).
+//! - [`body`]: the receiving half of one request's body as a stream that hands
+//!   credit back as its consumer reads.
+
+pub mod body;
+pub mod credit;
+pub mod limits;
+pub mod outbound;
+
+pub use limits::FlowSettings;

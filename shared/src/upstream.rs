@@ -1,0 +1,281 @@
+//! The HTTP client that replays a request against GitLab: used by the agent,
+//! and by the broker for direct-mode connections.
+//!
+//! One [`Upstream`] serves one GitLab base URL, so whether it goes through the
+//! corporate proxy is decided once, with the same `HTTPS_PROXY`/`NO_PROXY`
+//! rules curl and Go use (hyper-util's matcher: exact host, domain suffix,
+//! IP, CIDR, `*`). Failures are classified into the product's error codes.
+
+use crate::errors::{classify_upstream, proxy_error, ErrorCode, GitproxyError, Route};
+use crate::secret::redact_url;
+use crate::tls;
+use http::{HeaderMap, Method, StatusCode};
+use hyper_util::client::proxy::matcher::Matcher;
+use std::time::Duration;
+use url::Url;
+
+/// Corporate proxy settings, as the environment variables give them.
+#[derive(Debug, Clone, Default)]
+pub struct ProxySettings {
+    /// `HTTP_PROXY` / `http_proxy`.
+    pub http_proxy: Option<String>,
+    /// `HTTPS_PROXY` / `https_proxy`.
+    pub https_proxy: Option<String>,
+    /// `NO_PROXY` / `no_proxy`.
+    pub no_proxy: Option<String>,
+}
+
+fn env_either(upper: &str) -> Option<String> {
+    std::env::var(upper)
+        .ok()
+        .or_else(|| std::env::var(upper.to_ascii_lowercase()).ok())
+        .filter(|v| !v.trim().is_empty())
+}
+
+impl ProxySettings {
+    /// Reads `HTTPS_PROXY`, `HTTP_PROXY`, `NO_PROXY` in either case.
+    pub fn from_env() -> Self {
+        ProxySettings {
+            http_proxy: env_either("HTTP_PROXY"),
+            https_proxy: env_either("HTTPS_PROXY"),
+            no_proxy: env_either("NO_PROXY"),
+        }
+    }
+
+    fn matcher(&self) -> Matcher {
+        let mut b = Matcher::builder();
+        if let Some(p) = &self.http_proxy {
+            b = b.http(p.clone());
+        }
+        if let Some(p) = &self.https_proxy {
+            b = b.https(p.clone());
+        }
+        if let Some(n) = &self.no_proxy {
+            b = b.no(n.clone());
+        }
+        b.build()
+    }
+
+    /// The proxy URL (with its credentials) to use for `url`, if any.
+    pub fn proxy_for(&self, url: &Url) -> Option<ProxyChoice> {
+        let uri: http::Uri = url.as_str().parse().ok()?;
+        let intercept = self.matcher().intercept(&uri)?;
+        let configured = if url.scheme() == "https" {
+            self.https_proxy.clone()
+        } else {
+            self.http_proxy.clone()
+        }?;
+        Some(ProxyChoice {
+            uri: intercept.uri().clone(),
+            basic_auth: intercept.basic_auth().cloned(),
+            configured,
+        })
+    }
+}
+
+/// The proxy chosen for a destination.
+#[derive(Debug, Clone)]
+pub struct ProxyChoice {
+    /// The proxy's address (no credentials).
+    pub uri: http::Uri,
+    /// `Proxy-Authorization` value from the URL's userinfo.
+    pub basic_auth: Option<http::HeaderValue>,
+    configured: String,
+}
+
+impl ProxyChoice {
+    /// The proxy URL without credentials, for messages.
+    pub fn display(&self) -> String {
+        redact_url(&self.configured)
+    }
+}
+
+/// How an [`Upstream`] is built.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// GitLab's base URL (may carry a path prefix, e.g. `https://host/gitlab`).
+    pub base_url: Url,
+    /// Extra CAs (PEM) trusted besides the public roots.
+    pub extra_ca_pem: Vec<u8>,
+    /// Corporate proxy.
+    pub proxy: ProxySettings,
+    /// Limit on establishing a connection (TCP, proxy, TLS).
+    pub connect_timeout: Duration,
+}
+
+/// Failure to build an [`Upstream`].
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamBuildError {
+    /// The base URL is unusable.
+    #[error("GitLab URL {0} must be an http:// or https:// URL without query or credentials")]
+    BadUrl(String),
+    /// TLS material could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The proxy URL is unusable.
+    #[error("invalid proxy URL {0}")]
+    BadProxy(String),
+    /// The HTTP client refused the settings.
+    #[error("cannot build the HTTP client: {0}")]
+    Client(String),
+}
+
+/// A client bound to one GitLab.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    client: reqwest::Client,
+    base: String,
+    route: Route,
+}
+
+impl Upstream {
+    /// Builds the client.
+    pub fn new(cfg: UpstreamConfig) -> Result<Self, UpstreamBuildError> {
+        let url = &cfg.base_url;
+        if !matches!(url.scheme(), "http" | "https")
+            || url.host_str().is_none()
+            || url.query().is_some()
+            || !url.username().is_empty()
+            || url.password().is_some()
+        {
+            return Err(UpstreamBuildError::BadUrl(redact_url(url.as_str())));
+        }
+        let host = match url.port() {
+            Some(p) => format!("{}:{p}", url.host_str().unwrap_or_default()),
+            None => url.host_str().unwrap_or_default().to_string(),
+        };
+        let tls = tls::client_config(&cfg.extra_ca_pem, &[b"http/1.1"])?;
+        let mut builder = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .http1_only()
+            .tcp_nodelay(true)
+            .connect_timeout(cfg.connect_timeout)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(64);
+        let choice = cfg.proxy.proxy_for(url);
+        let mut proxy_display = None;
+        if let Some(choice) = &choice {
+            let mut proxy = reqwest::Proxy::all(choice.uri.to_string())
+                .map_err(|_| UpstreamBuildError::BadProxy(choice.display()))?;
+            if let Some(auth) = &choice.basic_auth {
+                proxy = proxy.custom_http_auth(auth.clone());
+            }
+            builder = builder.proxy(proxy);
+            proxy_display = Some(choice.display());
+        }
+        let client = builder
+            .build()
+            .map_err(|e| UpstreamBuildError::Client(e.to_string()))?;
+        Ok(Upstream {
+            client,
+            base: url.as_str().trim_end_matches('/').to_string(),
+            route: Route {
+                gitlab_host: host,
+                proxy: proxy_display,
+            },
+        })
+    }
+
+    /// Where requests go, for hints.
+    pub fn route(&self) -> &Route {
+        &self.route
+    }
+
+    /// The base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// Sends one request: `target` is the origin-form path and query relative
+    /// to the base URL. The response's body is not read.
+    pub async fn send(
+        &self,
+        method: Method,
+        target: &str,
+        headers: HeaderMap,
+        body: Option<reqwest::Body>,
+    ) -> Result<reqwest::Response, GitproxyError> {
+        let url = Url::parse(&format!("{}{}", self.base, target)).map_err(|e| {
+            GitproxyError::new(ErrorCode::BadRequest, format!("invalid request path: {e}"))
+        })?;
+        let mut req = self.client.request(method, url).headers(headers);
+        if let Some(body) = body {
+            req = req.body(body);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| classify_upstream(&e, &self.route))?;
+        if let Some(proxy) = &self.route.proxy {
+            if is_proxy_generated_failure(resp.status(), resp.headers()) {
+                return Err(proxy_error(
+                    &self.route.gitlab_host,
+                    proxy,
+                    &format!(
+                        "the corporate proxy answered {} instead of GitLab",
+                        resp.status()
+                    ),
+                ));
+            }
+        }
+        Ok(resp)
+    }
+}
+
+/// A 502/503/504 made by a proxy rather than passed through from GitLab.
+/// Squid marks its own pages with `X-Squid-Error`, RFC 9209 proxies with
+/// `Proxy-Status`, tinyproxy and others name themselves in `Server`.
+fn is_proxy_generated_failure(status: StatusCode, headers: &HeaderMap) -> bool {
+    if !matches!(status.as_u16(), 502..=504) {
+        return false;
+    }
+    if headers.contains_key("x-squid-error") || headers.contains_key("proxy-status") {
+        return true;
+    }
+    headers
+        .get(http::header::SERVER)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| {
+            let s = s.to_ascii_lowercase();
+            s.contains("squid") || s.contains("tinyproxy") || s.contains("proxy")
+        })
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(no: &str) -> ProxySettings {
+        ProxySettings {
+            http_proxy: Some("http://proxy.corp:3128".into()),
+            https_proxy: Some("http://user:pw@proxy.corp:3128".into()),
+            no_proxy: Some(no.into()),
+        }
+    }
+
+    #[test]
+    fn no_proxy_matches_host_domain_ip_cidr_star() {
+        let u = |s: &str| Url::parse(s).unwrap();
+        let s = settings("gitlab.corp.example, .internal, 10.0.0.0/8, 192.168.1.5");
+        assert!(s.proxy_for(&u("https://gitlab.corp.example/")).is_none());
+        assert!(s.proxy_for(&u("https://git.internal/")).is_none());
+        assert!(s.proxy_for(&u("https://10.1.2.3/")).is_none());
+        assert!(s.proxy_for(&u("http://192.168.1.5:8080/")).is_none());
+        let p = s.proxy_for(&u("https://gitlab.com/")).unwrap();
+        assert!(p.basic_auth.is_some());
+        assert!(!p.display().contains("pw"));
+        assert!(settings("*").proxy_for(&u("https://gitlab.com/")).is_none());
+    }
+
+    #[test]
+    fn proxy_generated_pages_are_recognised() {
+        let mut h = HeaderMap::new();
+        h.insert("server", "squid/5.7".parse().unwrap());
+        assert!(is_proxy_generated_failure(StatusCode::BAD_GATEWAY, &h));
+        assert!(!is_proxy_generated_failure(StatusCode::NOT_FOUND, &h));
+        assert!(!is_proxy_generated_failure(StatusCode::BAD_GATEWAY, &HeaderMap::new()));
+    }
+}
