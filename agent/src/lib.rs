@@ -1,1 +1,74 @@
-//! placeholder
+//! The gitproxy on-premise agent.
+//!
+//! It dials the broker (directly or through the corporate proxy with HTTP
+//! `CONNECT`), opens one `gitproxy.v1.Tunnel/Connect` stream, replays the
+//! requests it receives against the local GitLab and streams the answers back.
+//! It opens no listening socket: its health is published in a state file that
+//! `gitproxy-agent health` reads.
+//!
+//! Layout:
+//! - [`config`]: command line and environment, validated into [`config::AgentConfig`].
+//! - [`dial`]: the transport to the broker (TCP, proxy CONNECT, TLS).
+//! - [`supervisor`]: keeps one session up; reconnects with [`backoff`]; drains.
+//! - [`session`]: one tunnel stream: handshake, frame dispatch, heartbeats.
+//! - [`request`]: one request replayed against GitLab.
+//! - [`health`]: the state file.
+
+pub mod backoff;
+pub mod config;
+pub mod dial;
+pub mod health;
+pub mod request;
+pub mod session;
+pub mod supervisor;
+
+use config::{Cli, Command};
+use std::process::ExitCode;
+
+/// Runs the command the user asked for; the binary's whole body.
+pub fn main_with(cli: Cli) -> ExitCode {
+    match cli.command.unwrap_or(Command::Run(Box::default())) {
+        Command::Run(args) => {
+            gitproxy_shared::logging::init(args.log_format);
+            let cfg = match config::AgentConfig::from_args(*args) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!("invalid configuration: {e:#}");
+                    return ExitCode::from(64);
+                }
+            };
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!("cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            rt.block_on(async move {
+                let shutdown = tokio_util::sync::CancellationToken::new();
+                tokio::spawn(shutdown_on_signal(shutdown.clone()));
+                supervisor::run(std::sync::Arc::new(cfg), shutdown).await
+            });
+            ExitCode::SUCCESS
+        }
+        Command::Health(args) => health::probe(&args.state_file, args.max_age),
+    }
+}
+
+/// Cancels `token` on SIGTERM or SIGINT.
+pub async fn shutdown_on_signal(token: tokio_util::sync::CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("shutdown requested: draining in-flight requests");
+    token.cancel();
+}

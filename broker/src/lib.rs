@@ -1,1 +1,92 @@
-//! placeholder
+//! The gitproxy broker.
+//!
+//! Agents dial in on the agent listener (`gitproxy.v1.Tunnel`); cloud
+//! applications call the front door on the api listener with ordinary GitLab
+//! requests, which the broker delivers through the connection's agent or
+//! directly.
+//!
+//! Layout:
+//! - [`config`]: flags, TOML file, the validated connection table.
+//! - [`tunnel`]: agent streams: authentication, sessions, the registry.
+//! - [`frontdoor`]: `ANY /gitlab/{connection}/{path...}`.
+//! - [`api`]: `/healthz`, `/readyz`, `/v1/...` and the Admin gRPC service.
+//! - [`server`]: listeners and the shutdown tree; [`reload`]: SIGHUP.
+//! - [`state`]: what every part shares.
+
+pub mod api;
+pub mod config;
+pub mod frontdoor;
+pub mod keygen;
+pub mod reload;
+pub mod server;
+pub mod state;
+pub mod tunnel;
+
+use config::{BrokerConfig, Cli, Command};
+use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
+
+/// Runs the command the user asked for; the binary's whole body.
+pub fn main_with(cli: Cli) -> ExitCode {
+    let args = match cli.command {
+        Some(Command::Keygen) => {
+            let (key, hash) = keygen::generate();
+            println!("{key}");
+            println!("access_key_sha256 = \"{hash}\"");
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::Serve(a)) => *a,
+        None => cli.serve,
+    };
+    gitproxy_shared::logging::init(args.log_format);
+    let cfg = match BrokerConfig::load(args) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("invalid configuration: {e:#}");
+            return ExitCode::from(64);
+        }
+    };
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        let listeners = server::Listeners::bind(&cfg).await?;
+        let shutdown = CancellationToken::new();
+        tokio::spawn(shutdown_on_signal(shutdown.clone()));
+        tracing::info!(
+            version = gitproxy_shared::VERSION,
+            connections = cfg.connections.all().len(),
+            "gitproxy-broker starting"
+        );
+        server::run(cfg, listeners, shutdown).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Cancels `token` on SIGTERM or SIGINT.
+pub async fn shutdown_on_signal(token: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("shutdown requested: draining agents and in-flight requests");
+    token.cancel();
+}

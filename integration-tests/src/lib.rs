@@ -1,3 +1,5 @@
-//! End-to-end tests of gitproxy: the sandbox GitLab, process harness and benchmark helpers.
+//! End-to-end tests of gitproxy: the sandbox GitLab, the process harness and
+//! benchmark helpers.
 
+pub mod harness;
 pub mod sandbox;

@@ -265,7 +265,10 @@ pub fn classify_upstream(err: &(dyn StdError + 'static), route: &Route) -> Gitpr
         }
     }
     if text.contains("timed out") || text.contains("deadline") {
-        return GitproxyError::new(ErrorCode::Timeout, format!("GitLab did not answer in time: {text}"));
+        return GitproxyError::new(
+            ErrorCode::Timeout,
+            format!("GitLab did not answer in time: {text}"),
+        );
     }
     GitproxyError::new(
         ErrorCode::UpstreamUnreachable,
@@ -325,7 +328,10 @@ impl<'a> Chain<'a> {
             errors.push(e);
             // `io::Error::source` skips the error it wraps (it returns the
             // wrapped error's source), which would hide e.g. rustls errors.
-            cur = match e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            cur = match e
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+            {
                 Some(inner) => Some(inner as &(dyn StdError + 'static)),
                 None => e.source(),
             };
@@ -381,7 +387,13 @@ mod tests {
         let err = std::io::Error::other(rustls::Error::InvalidCertificate(
             rustls::CertificateError::UnknownIssuer,
         ));
-        let e = classify_upstream(&err, &Route { gitlab_host: "gitlab.corp".into(), proxy: None });
+        let e = classify_upstream(
+            &err,
+            &Route {
+                gitlab_host: "gitlab.corp".into(),
+                proxy: None,
+            },
+        );
         assert_eq!(e.error, ErrorCode::UpstreamTls);
         assert!(e.message.contains("unknown authority"));
         assert!(e.hint.contains("customCaCert"));
@@ -390,7 +402,10 @@ mod tests {
     #[test]
     fn refused_tunnel_names_no_proxy() {
         let err = std::io::Error::other("unsuccessful tunnel");
-        let route = Route { gitlab_host: "gitlab.corp:443".into(), proxy: Some("http://proxy:3128".into()) };
+        let route = Route {
+            gitlab_host: "gitlab.corp:443".into(),
+            proxy: Some("http://proxy:3128".into()),
+        };
         let e = classify_upstream(&err, &route);
         assert_eq!(e.error, ErrorCode::ProxyError);
         assert!(e.hint.contains("proxy.noProxy") && e.hint.contains("gitlab.corp"));
@@ -399,7 +414,13 @@ mod tests {
     #[test]
     fn refused_connection_is_unreachable() {
         let err = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
-        let e = classify_upstream(&err, &Route { gitlab_host: "127.0.0.1:1".into(), proxy: None });
+        let e = classify_upstream(
+            &err,
+            &Route {
+                gitlab_host: "127.0.0.1:1".into(),
+                proxy: None,
+            },
+        );
         assert_eq!(e.error, ErrorCode::UpstreamUnreachable);
     }
 }

@@ -112,7 +112,10 @@ mod tests {
     #[test]
     fn strips_hop_by_hop_and_own_headers() {
         let mut h = HeaderMap::new();
-        h.insert("connection", HeaderValue::from_static("keep-alive, x-custom"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-custom"),
+        );
         h.insert("x-custom", HeaderValue::from_static("1"));
         h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
         h.insert("x-gitproxy-key", HeaderValue::from_static("secret"));
@@ -134,10 +137,22 @@ mod tests {
         }];
         assert!(from_wire(&big).is_err());
         let odd = vec![
-            Header { name: "bad name".into(), value: b"1".to_vec() },
-            Header { name: "x-ok".into(), value: b"1".to_vec() },
-            Header { name: "x-bad".into(), value: b"a\nb".to_vec() },
-            Header { name: "upgrade".into(), value: b"h2c".to_vec() },
+            Header {
+                name: "bad name".into(),
+                value: b"1".to_vec(),
+            },
+            Header {
+                name: "x-ok".into(),
+                value: b"1".to_vec(),
+            },
+            Header {
+                name: "x-bad".into(),
+                value: b"a\nb".to_vec(),
+            },
+            Header {
+                name: "upgrade".into(),
+                value: b"h2c".to_vec(),
+            },
         ];
         let map = from_wire(&odd).unwrap();
         assert_eq!(map.len(), 1);

@@ -85,16 +85,16 @@ impl Policy {
 
     fn allowed_path(&self, path: &str) -> bool {
         if self.allow_api
-            && (path == "/api/v4"
-                || path.starts_with("/api/v4/")
-                || path == "/api/graphql")
+            && (path == "/api/v4" || path.starts_with("/api/v4/") || path == "/api/graphql")
         {
             return true;
         }
         if self.allow_git && is_git_path(path) {
             return true;
         }
-        self.extra_prefixes.iter().any(|p| path.starts_with(p.as_str()))
+        self.extra_prefixes
+            .iter()
+            .any(|p| path.starts_with(p.as_str()))
     }
 }
 
@@ -107,8 +107,10 @@ fn is_git_path(path: &str) -> bool {
         return false;
     }
     let rest = &path[idx + ".git".len()..];
-    matches!(rest, "/info/refs" | "/git-upload-pack" | "/git-receive-pack")
-        || rest.starts_with("/info/lfs/")
+    matches!(
+        rest,
+        "/info/refs" | "/git-upload-pack" | "/git-receive-pack"
+    ) || rest.starts_with("/info/lfs/")
 }
 
 fn truncate(s: &str, n: usize) -> &str {
@@ -129,9 +131,15 @@ mod tests {
     #[test]
     fn allows_gitlab_api_and_git() {
         assert!(ok("GET", "/api/v4/projects?membership=true&page=2"));
-        assert!(ok("GET", "/api/v4/projects/group%2Fproject/repository/files/a%2Fb.json?ref=main"));
+        assert!(ok(
+            "GET",
+            "/api/v4/projects/group%2Fproject/repository/files/a%2Fb.json?ref=main"
+        ));
         assert!(ok("POST", "/api/graphql"));
-        assert!(ok("GET", "/group/sub/project.git/info/refs?service=git-upload-pack"));
+        assert!(ok(
+            "GET",
+            "/group/sub/project.git/info/refs?service=git-upload-pack"
+        ));
         assert!(ok("POST", "/group/project.git/git-upload-pack"));
         assert!(ok("POST", "/group/project.git/git-receive-pack"));
         assert!(ok("POST", "/group/project.git/info/lfs/objects/batch"));

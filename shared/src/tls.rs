@@ -156,7 +156,10 @@ mod tests {
 
     #[test]
     fn rejects_bad_base64_and_empty_pem() {
-        assert!(matches!(extra_ca_pem(None, Some("%%%")), Err(TlsError::Base64)));
+        assert!(matches!(
+            extra_ca_pem(None, Some("%%%")),
+            Err(TlsError::Base64)
+        ));
         assert!(matches!(
             certs_from_pem(b"not pem", "x"),
             Err(TlsError::NoCertificate { .. })

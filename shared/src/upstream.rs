@@ -276,6 +276,9 @@ mod tests {
         h.insert("server", "squid/5.7".parse().unwrap());
         assert!(is_proxy_generated_failure(StatusCode::BAD_GATEWAY, &h));
         assert!(!is_proxy_generated_failure(StatusCode::NOT_FOUND, &h));
-        assert!(!is_proxy_generated_failure(StatusCode::BAD_GATEWAY, &HeaderMap::new()));
+        assert!(!is_proxy_generated_failure(
+            StatusCode::BAD_GATEWAY,
+            &HeaderMap::new()
+        ));
     }
 }

@@ -1,1 +1,110 @@
-fn main() {}
+//! `gitlab-sandbox`: runs the sandbox GitLab as a process. Prints one JSON line
+//! `{"listening":"127.0.0.1:PORT","external_url":"...","token":"..."}` when ready, then
+//! serves until SIGINT/SIGTERM.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use gitproxy_integration_tests::sandbox::{demo, Sandbox, SandboxConfig};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "gitlab-sandbox",
+    about = "A simulated GitLab Self-Managed server"
+)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// URL the instance calls itself (Link headers, web_url); default http://<bound addr>.
+    #[arg(long)]
+    external_url: Option<String>,
+    /// Where bare repositories live; default a temporary directory removed on exit.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Seed the demo user, token and projects.
+    #[arg(long)]
+    demo: bool,
+    /// The demo token's value.
+    #[arg(long, default_value = "sandbox-demo-token")]
+    token: String,
+    /// PEM certificate chain for TLS (with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS (with --tls-cert).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let args = Args::parse();
+    let (_tmp, data_dir) = match &args.data_dir {
+        Some(d) => (None, d.clone()),
+        None => {
+            let t = tempfile::tempdir()?;
+            let p = t.path().to_path_buf();
+            (Some(t), p)
+        }
+    };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => Some((std::fs::read(c)?, std::fs::read(k)?)),
+        _ => None,
+    };
+    let cfg = SandboxConfig {
+        listen: args.listen,
+        external_url: args.external_url.clone(),
+        data_dir,
+        tls,
+    };
+    let (sb, addr) = Sandbox::start(cfg).await?;
+    if args.demo {
+        let sb2 = sb.clone();
+        let token = args.token.clone();
+        tokio::task::spawn_blocking(move || demo::seed(&sb2, &token)).await??;
+    }
+    let line = serde_json::json!({
+        "listening": addr.to_string(),
+        "external_url": sb.external_url(),
+        "token": args.token,
+    });
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{line}")?;
+        out.flush()?;
+    }
+    shutdown_signal().await;
+    sb.shutdown();
+    Ok(())
+}

@@ -35,8 +35,8 @@ pub enum FileAction {
 /// Why a commit was refused (mapped to GitLab's 400 messages by the API).
 #[derive(Debug)]
 pub enum CommitError {
-    FileExists(String),
-    FileMissing(String),
+    FileExists,
+    FileMissing,
     Git(anyhow::Error),
 }
 
@@ -114,7 +114,10 @@ fn run_with_input(mut cmd: Command, input: &[u8]) -> Result<String> {
     }
     let out = child.wait_with_output()?;
     if !out.status.success() {
-        bail!("git failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "git failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_string())
 }
@@ -160,11 +163,6 @@ impl Repo {
     /// Opens an existing bare repository.
     pub fn open(dir: impl Into<PathBuf>) -> Repo {
         Repo { dir: dir.into() }
-    }
-
-    /// The repository directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// `git init --bare` with `default_branch` as HEAD, receive-pack enabled over HTTP,
@@ -377,10 +375,10 @@ impl Repo {
                 FileAction::Create { path, content } | FileAction::Update { path, content } => {
                     let exists = self.path_exists(&index, path)?;
                     if matches!(action, FileAction::Create { .. }) && exists {
-                        return Err(CommitError::FileExists(path.clone()));
+                        return Err(CommitError::FileExists);
                     }
                     if matches!(action, FileAction::Update { .. }) && !exists {
-                        return Err(CommitError::FileMissing(path.clone()));
+                        return Err(CommitError::FileMissing);
                     }
                     let mut h = git(&self.dir);
                     h.args(["hash-object", "-w", "--stdin"]);
@@ -393,7 +391,7 @@ impl Repo {
                 }
                 FileAction::Delete { path } => {
                     if !self.path_exists(&index, path)? {
-                        return Err(CommitError::FileMissing(path.clone()));
+                        return Err(CommitError::FileMissing);
                     }
                     let mut u = git(&self.dir);
                     u.env("GIT_INDEX_FILE", &index)

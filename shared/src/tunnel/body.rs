@@ -198,7 +198,9 @@ mod tests {
         pub async fn collect(mut b: BodyReceiver) -> (Vec<u8>, Option<GitproxyError>) {
             let mut out = Vec::new();
             loop {
-                let f = std::future::poll_fn(|cx| http_body::Body::poll_frame(Pin::new(&mut b), cx)).await;
+                let f =
+                    std::future::poll_fn(|cx| http_body::Body::poll_frame(Pin::new(&mut b), cx))
+                        .await;
                 match f {
                     None => return (out, None),
                     Some(Ok(f)) => out.extend_from_slice(f.data_ref().unwrap()),

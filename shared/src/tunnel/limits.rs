@@ -1,5 +1,9 @@
 //! Flow-control settings negotiated in the Hello/Welcome handshake.
 
+/// Largest tunnel message either side accepts (a head with its headers, or a
+/// Data frame of the largest chunk, with room to spare).
+pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+
 /// Per-request flow-control numbers of one side of a stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlowSettings {
@@ -79,7 +83,10 @@ mod tests {
 
     #[test]
     fn rejects_small_windows() {
-        let f = FlowSettings { window_bytes: 1000, ..FlowSettings::default() };
+        let f = FlowSettings {
+            window_bytes: 1000,
+            ..FlowSettings::default()
+        };
         assert!(f.validate().is_err());
     }
 }

@@ -125,7 +125,11 @@ pub struct Outbound<M> {
 
 impl<M> Outbound<M> {
     /// Builds the stream; `to_msg` turns a control frame into a wire message.
-    pub fn new(control: Arc<Control>, data: mpsc::Receiver<M>, to_msg: fn(ControlFrame) -> M) -> Self {
+    pub fn new(
+        control: Arc<Control>,
+        data: mpsc::Receiver<M>,
+        to_msg: fn(ControlFrame) -> M,
+    ) -> Self {
         Outbound {
             control,
             data,

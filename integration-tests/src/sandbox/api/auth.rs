@@ -22,7 +22,10 @@ pub struct Caller {
 impl Caller {
     /// Whether the token carries any of `scopes`.
     pub fn has_any_scope(&self, scopes: &[&str]) -> bool {
-        self.token.scopes.iter().any(|s| scopes.contains(&s.as_str()))
+        self.token
+            .scopes
+            .iter()
+            .any(|s| scopes.contains(&s.as_str()))
     }
 }
 
@@ -139,7 +142,11 @@ pub fn authenticate(inner: &Inner, token: &str) -> Result<Caller, AuthError> {
     let mut st = inner.lock();
     let today = clock::today();
     let tok = st.token(token).cloned().ok_or(AuthError::Unauthorized)?;
-    if tok.expires_at.as_deref().is_some_and(|e| e <= today.as_str()) {
+    if tok
+        .expires_at
+        .as_deref()
+        .is_some_and(|e| e <= today.as_str())
+    {
         return Err(AuthError::Expired);
     }
     if tok.revoked {

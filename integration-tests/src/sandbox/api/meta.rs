@@ -79,7 +79,10 @@ pub fn user(inner: &Inner, caller: Option<&Caller>) -> Response<Body> {
             ("location", json!("")),
             ("public_email", Value::Null),
             ("email", json!(format!("{}@sandbox.invalid", user.username))),
-            ("commit_email", json!(format!("{}@sandbox.invalid", user.username))),
+            (
+                "commit_email",
+                json!(format!("{}@sandbox.invalid", user.username)),
+            ),
             ("is_admin", json!(false)),
             ("can_create_group", json!(true)),
             ("can_create_project", json!(true)),

@@ -1,22 +1,26 @@
 //! The `/api/v4` REST surface: request parsing (path segments, query, JSON or form
 //! bodies), GitLab-shaped responses and the route table.
 
+// Handlers short-circuit with a ready `Response` as their error value; it is the
+// common path here, not an exceptional one, so boxing it would only add noise.
+#![allow(clippy::result_large_err)]
+
 mod auth;
-mod meta;
 mod merge_requests;
+mod meta;
 mod pagination;
 mod projects;
 mod repository;
 
 use axum::body::Body;
-use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
+use http::{HeaderValue, Method, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use percent_encoding::percent_decode_str;
 use serde_json::{json, Map, Value};
 
 use super::Inner;
-pub use auth::{api_credential, basic_credential, AuthError, Caller};
+pub use auth::{api_credential, authenticate, basic_credential, AuthError, Caller};
 
 /// Largest request body the API accepts (commits API payloads).
 const MAX_BODY: usize = 64 * 1024 * 1024;
@@ -32,7 +36,6 @@ pub struct ApiRequest {
     pub raw_path: String,
     /// Query and body parameters merged (body wins).
     pub params: Map<String, Value>,
-    pub headers: HeaderMap,
 }
 
 impl ApiRequest {
@@ -67,7 +70,10 @@ impl ApiRequest {
         if missing.is_empty() {
             Ok(values)
         } else {
-            Err(Box::new(error(StatusCode::BAD_REQUEST, &missing.join(", "))))
+            Err(Box::new(error(
+                StatusCode::BAD_REQUEST,
+                &missing.join(", "),
+            )))
         }
     }
 }
@@ -82,8 +88,10 @@ pub fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
     );
     resp.headers_mut()
         .insert("cache-control", HeaderValue::from_static("no-cache"));
-    resp.headers_mut()
-        .insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    resp.headers_mut().insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
     resp
 }
 
@@ -129,14 +137,14 @@ pub fn parse_query(q: &str) -> Vec<(String, String)> {
 async fn read_params(
     req: http::Request<Incoming>,
     query: &[(String, String)],
-) -> Result<(HeaderMap, Map<String, Value>), Response<Body>> {
+) -> Result<Map<String, Value>, Response<Body>> {
     let (parts, body) = req.into_parts();
     let mut params = Map::new();
     for (k, v) in query {
         params.insert(k.clone(), Value::String(v.clone()));
     }
     if parts.method == Method::GET || parts.method == Method::HEAD {
-        return Ok((parts.headers, params));
+        return Ok(params);
     }
     let limited = http_body_util::Limited::new(body, MAX_BODY);
     let bytes = match limited.collect().await {
@@ -155,7 +163,7 @@ async fn read_params(
         .unwrap_or("")
         .to_ascii_lowercase();
     if bytes.is_empty() {
-        return Ok((parts.headers, params));
+        return Ok(params);
     }
     if ctype.starts_with("application/json") {
         match serde_json::from_slice::<Value>(&bytes) {
@@ -169,7 +177,7 @@ async fn read_params(
             params.insert(k, Value::String(v));
         }
     }
-    Ok((parts.headers, params))
+    Ok(params)
 }
 
 /// Serves one `/api/v4/...` request. `credential` was already extracted and recorded.
@@ -187,7 +195,7 @@ pub async fn serve(
         .filter(|s| !s.is_empty())
         .map(decode)
         .collect();
-    let (headers, params) = match read_params(req, &query).await {
+    let params = match read_params(req, &query).await {
         Ok(x) => x,
         Err(resp) => return resp,
     };
@@ -197,17 +205,39 @@ pub async fn serve(
         query,
         raw_path,
         params,
-        headers,
     };
-    // A presented credential must be valid, whatever the route (GitLab answers 401 first).
+    // Unknown routes are 404 without auth; on known ones a presented credential must be valid.
     let caller = match credential {
         None => None,
         Some(tok) => match auth::authenticate(inner, &tok) {
             Ok(c) => Some(c),
+            Err(_) if !known_route(&api) => return route_not_found(),
             Err(e) => return e.into_response(),
         },
     };
     route(inner, &api, caller.as_ref()).await
+}
+
+/// Whether a request matches a route of the table below (any method).
+fn known_route(req: &ApiRequest) -> bool {
+    let segs: Vec<&str> = req.segments.iter().map(String::as_str).collect();
+    matches!(
+        segs.as_slice(),
+        ["version"]
+            | ["metadata"]
+            | ["user"]
+            | ["personal_access_tokens", "self"]
+            | ["projects"]
+            | ["projects", _]
+            | ["projects", _, "repository", "files", _]
+            | ["projects", _, "repository", "files", _, "raw"]
+            | ["projects", _, "repository", "branches"]
+            | ["projects", _, "repository", "branches", _]
+            | ["projects", _, "repository", "commits"]
+            | ["projects", _, "repository", "commits", _]
+            | ["projects", _, "merge_requests"]
+            | ["projects", _, "merge_requests", _]
+    )
 }
 
 async fn route(inner: &Inner, req: &ApiRequest, caller: Option<&Caller>) -> Response<Body> {
@@ -243,9 +273,7 @@ async fn route(inner: &Inner, req: &ApiRequest, caller: Option<&Caller>) -> Resp
         ["projects", id, "repository", "commits", sha] if get => {
             repository::get_commit(inner, id, sha, caller).await
         }
-        ["projects", id, "merge_requests"] if get => {
-            merge_requests::list(inner, req, id, caller)
-        }
+        ["projects", id, "merge_requests"] if get => merge_requests::list(inner, req, id, caller),
         ["projects", id, "merge_requests"] if post => {
             merge_requests::create(inner, req, id, caller).await
         }

@@ -1,0 +1,193 @@
+//! The transport to the broker: TCP, through the corporate proxy with HTTP
+//! `CONNECT` unless `NO_PROXY` matches the broker, then TLS (rustls, public
+//! roots plus the customer's CAs) for `https://` broker URLs. The resulting
+//! byte stream is handed to tonic, which speaks HTTP/2 over it.
+
+use crate::config::AgentConfig;
+use gitproxy_proto::v1::tunnel_client::TunnelClient;
+use gitproxy_shared::errors::Chain;
+use hyper_util::client::legacy::connect::proxy::Tunnel;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tonic::transport::{Channel, Endpoint};
+use tower::Service;
+
+/// A connected byte stream to the broker.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// Why the broker could not be reached; each variant names a `check` step.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    /// TCP or proxy failure.
+    #[error("cannot reach the broker at {addr}{via}: {detail}")]
+    Unreachable {
+        /// host:port.
+        addr: String,
+        /// " through proxy X" or "".
+        via: String,
+        /// The cause.
+        detail: String,
+    },
+    /// The proxy refused the CONNECT.
+    #[error("the proxy {proxy} refused to CONNECT to the broker at {addr}: {detail}")]
+    ProxyRefused {
+        /// The proxy, redacted.
+        proxy: String,
+        /// host:port.
+        addr: String,
+        /// The cause.
+        detail: String,
+    },
+    /// The TLS handshake failed (untrusted certificate, wrong name...).
+    #[error("TLS to the broker at {addr} failed: {detail}")]
+    Tls {
+        /// host:port.
+        addr: String,
+        /// The cause.
+        detail: String,
+        /// True when the certificate's CA is unknown.
+        unknown_ca: bool,
+    },
+    /// Anything else.
+    #[error("cannot connect to the broker: {0}")]
+    Other(String),
+}
+
+impl DialError {
+    /// The fix an operator should try.
+    pub fn hint(&self) -> &'static str {
+        match self {
+            DialError::Unreachable { .. } => "Check GITPROXY_BROKER_URL, DNS and the egress firewall; if outbound traffic must use the corporate proxy, set proxy.httpsProxy (HTTPS_PROXY).",
+            DialError::ProxyRefused { .. } => "The corporate proxy must allow CONNECT to the broker's host and port; check its ACLs and the proxy credentials in proxy.httpsProxy.",
+            DialError::Tls { unknown_ca: true, .. } => "The broker's certificate comes from a CA the agent does not trust (x509: certificate signed by unknown authority). If a TLS-inspecting proxy or a private CA is in the way, set customCaCert (GITPROXY_CA_CERT_FILE).",
+            DialError::Tls { .. } => "Check that GITPROXY_BROKER_URL uses the host name the broker's certificate was issued for.",
+            DialError::Other(_) => "Check GITPROXY_BROKER_URL.",
+        }
+    }
+}
+
+/// Dials the broker and returns a stream ready for HTTP/2.
+pub async fn dial(cfg: &AgentConfig) -> Result<Box<dyn Io>, DialError> {
+    let url = &cfg.broker_url;
+    let host = url.host_str().unwrap_or_default().to_string();
+    let port = url.port_or_known_default().unwrap_or(443);
+    let addr = format!("{host}:{port}");
+    let connect = async {
+        let tcp: Box<dyn Io> = match cfg.proxy.proxy_for(url) {
+            None => {
+                let s = TcpStream::connect(&addr)
+                    .await
+                    .map_err(|e| DialError::Unreachable {
+                        addr: addr.clone(),
+                        via: String::new(),
+                        detail: e.to_string(),
+                    })?;
+                let _ = s.set_nodelay(true);
+                Box::new(s)
+            }
+            Some(choice) => {
+                let mut http = HttpConnector::new();
+                http.set_nodelay(true);
+                http.enforce_http(false);
+                let mut tunnel = Tunnel::new(choice.uri.clone(), http);
+                if let Some(auth) = choice.basic_auth.clone() {
+                    tunnel = tunnel.with_auth(auth);
+                }
+                let dst: http::Uri = format!("https://{addr}")
+                    .parse()
+                    .map_err(|e| DialError::Other(format!("{e}")))?;
+                let io = tunnel.call(dst).await.map_err(|e| {
+                    let detail = Chain::new(&e).text();
+                    if detail.contains("unsuccessful") || detail.contains("tunnel") {
+                        DialError::ProxyRefused {
+                            proxy: choice.display(),
+                            addr: addr.clone(),
+                            detail,
+                        }
+                    } else {
+                        DialError::Unreachable {
+                            addr: addr.clone(),
+                            via: format!(" through proxy {}", choice.display()),
+                            detail,
+                        }
+                    }
+                })?;
+                Box::new(TokioIo::new(io))
+            }
+        };
+        if url.scheme() != "https" {
+            return Ok(tcp);
+        }
+        let tls = gitproxy_shared::tls::client_config(&cfg.extra_ca_pem, &[b"h2"])
+            .map_err(|e| DialError::Other(e.to_string()))?;
+        let name =
+            ServerName::try_from(host.clone()).map_err(|e| DialError::Other(e.to_string()))?;
+        let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| {
+                let unknown_ca = Chain::new(&e).find::<rustls::Error>().is_some_and(|t| {
+                    matches!(
+                        t,
+                        rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)
+                    )
+                });
+                let detail = if unknown_ca {
+                    "x509: certificate signed by unknown authority".to_string()
+                } else {
+                    Chain::new(&e).text()
+                };
+                DialError::Tls {
+                    addr: addr.clone(),
+                    detail,
+                    unknown_ca,
+                }
+            })?;
+        Ok(Box::new(stream) as Box<dyn Io>)
+    };
+    match tokio::time::timeout(cfg.connect_timeout, connect).await {
+        Ok(r) => r,
+        Err(_) => Err(DialError::Unreachable {
+            addr,
+            via: String::new(),
+            detail: format!("timed out after {:?}", cfg.connect_timeout),
+        }),
+    }
+}
+
+/// Dials and wraps the stream in a tonic client. HTTP/2 windows are sized so
+/// one bulk transfer is not capped by the 64 KiB default (the per-request
+/// credit, not HTTP/2, separates requests on the stream).
+pub async fn connect(cfg: &AgentConfig) -> Result<TunnelClient<Channel>, DialError> {
+    let io = dial(cfg).await?;
+    let slot = Arc::new(std::sync::Mutex::new(Some(io)));
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let slot = slot.clone();
+        async move {
+            let io = slot
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+                .ok_or_else(|| std::io::Error::other("the broker connection was already used"))?;
+            Ok::<_, std::io::Error>(TokioIo::new(io))
+        }
+    });
+    let channel = Endpoint::from_static("http://broker.invalid")
+        .initial_stream_window_size(8 * 1024 * 1024)
+        .initial_connection_window_size(16 * 1024 * 1024)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true)
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| DialError::Other(Chain::new(&e).text()))?;
+    Ok(TunnelClient::new(channel)
+        .max_decoding_message_size(gitproxy_shared::tunnel::limits::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(gitproxy_shared::tunnel::limits::MAX_MESSAGE_BYTES))
+}

@@ -1,0 +1,249 @@
+//! One request replayed against GitLab: build it from the head, stream the
+//! body in (credit handed back as GitLab takes it), stream the answer out
+//! within the broker's credit, and log one line.
+
+use crate::session::{error_frame, Shared};
+use base64::Engine;
+use bytes::Bytes;
+use gitproxy_proto::v1::{
+    agent_message::Msg as Out, AgentMessage, Data, End, RequestHead, ResponseHead,
+};
+use gitproxy_shared::errors::{ErrorCode, GitproxyError};
+use gitproxy_shared::headers;
+use gitproxy_shared::secret::Secret;
+use gitproxy_shared::tunnel::body::BodyReceiver;
+use gitproxy_shared::tunnel::credit::SendCredit;
+use http::{HeaderMap, HeaderValue, Method};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Counters of one exchange, for the log line.
+#[derive(Default)]
+struct Tally {
+    status: u16,
+    bytes_out: u64,
+    error: Option<ErrorCode>,
+}
+
+/// Serves one request until it completes, fails or is cancelled.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    head: RequestHead,
+    body: Option<BodyReceiver>,
+    credit: SendCredit,
+    cancel: CancellationToken,
+) {
+    let id = head.id;
+    let started = Instant::now();
+    let mut tally = Tally::default();
+    let cancelled = tokio::select! {
+        // Dropping `relay` drops the upstream request and its connection, so
+        // GitLab sees the caller go away at once.
+        _ = cancel.cancelled() => true,
+        _ = relay(&shared, &head, body, &credit, &mut tally) => false,
+    };
+    shared.finish(id);
+    let duration_ms = started.elapsed().as_millis() as u64;
+    let path = head.path.split('?').next().unwrap_or("");
+    if cancelled {
+        info!(request_id = id, method = %head.method, path = %path, status = tally.status, bytes_out = tally.bytes_out, duration_ms, "request cancelled by the broker");
+    } else if let Some(code) = tally.error {
+        warn!(request_id = id, method = %head.method, path = %path, status = tally.status, bytes_out = tally.bytes_out, duration_ms, error = %code, "request failed");
+    } else {
+        info!(request_id = id, method = %head.method, path = %path, status = tally.status, bytes_out = tally.bytes_out, duration_ms, "request");
+    }
+}
+
+async fn relay(
+    shared: &Shared,
+    head: &RequestHead,
+    body: Option<BodyReceiver>,
+    credit: &SendCredit,
+    tally: &mut Tally,
+) {
+    let id = head.id;
+    let fail = |tally: &mut Tally, e: GitproxyError| {
+        tally.error = Some(e.error);
+        warn!(request_id = id, error = %e.error, "{}", e.message);
+        shared.reply_error(id, &e);
+    };
+    let Ok(method) = Method::from_bytes(head.method.as_bytes()) else {
+        return fail(
+            tally,
+            GitproxyError::new(ErrorCode::BadRequest, "malformed method"),
+        );
+    };
+    let mut hdrs = match headers::from_wire(&head.headers) {
+        Ok(h) => h,
+        Err(e) => return fail(tally, GitproxyError::new(ErrorCode::ProtocolError, e)),
+    };
+    let mut target = head.path.clone();
+    if let Some(token) = &shared.cfg.gitlab_token {
+        target = use_own_token(&mut hdrs, &target, token);
+    }
+    let body = body.map(reqwest::Body::wrap);
+    let send = shared.upstream.send(method.clone(), &target, hdrs, body);
+    let result = if head.timeout_ms > 0 {
+        match tokio::time::timeout(Duration::from_millis(head.timeout_ms), send).await {
+            Ok(r) => r,
+            Err(_) => Err(GitproxyError::new(
+                ErrorCode::Timeout,
+                format!("GitLab did not answer within {} ms", head.timeout_ms),
+            )),
+        }
+    } else {
+        send.await
+    };
+    let mut resp = match result {
+        Ok(r) => r,
+        Err(e) => return fail(tally, e),
+    };
+    let status = resp.status();
+    tally.status = status.as_u16();
+    let end_of_stream = method == Method::HEAD
+        || status == http::StatusCode::NO_CONTENT
+        || status == http::StatusCode::NOT_MODIFIED
+        || resp.content_length() == Some(0);
+    let head_frame = AgentMessage {
+        msg: Some(Out::ResponseHead(ResponseHead {
+            id,
+            status: u32::from(status.as_u16()),
+            headers: headers::response_to_wire(resp.headers()),
+            end_of_stream,
+        })),
+    };
+    if shared.tx.send(head_frame).await.is_err() || end_of_stream {
+        return;
+    }
+    let max_chunk = shared.broker_flow.max_chunk_bytes as usize;
+    loop {
+        match resp.chunk().await {
+            Ok(Some(mut bytes)) => {
+                while !bytes.is_empty() {
+                    let part: Bytes = bytes.split_to(bytes.len().min(max_chunk));
+                    if credit
+                        .acquire(shared.broker_flow.frame_cost(part.len()))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    tally.bytes_out += part.len() as u64;
+                    let frame = AgentMessage {
+                        msg: Some(Out::Data(Data { id, data: part })),
+                    };
+                    if shared.tx.send(frame).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                let err = GitproxyError::new(
+                    ErrorCode::UpstreamUnreachable,
+                    format!(
+                        "GitLab cut the response after {} bytes: {}",
+                        tally.bytes_out,
+                        gitproxy_shared::errors::Chain::new(&e).text()
+                    ),
+                );
+                tally.error = Some(err.error);
+                let _ = shared.tx.send(error_frame(id, &err)).await;
+                return;
+            }
+        }
+    }
+    let _ = shared
+        .tx
+        .send(AgentMessage {
+            msg: Some(Out::End(End { id })),
+        })
+        .await;
+}
+
+/// Replaces whatever credentials came from the cloud with the agent's own
+/// token, so that token never leaves the customer network: `PRIVATE-TOKEN`
+/// for the API, HTTP Basic `oauth2:<token>` for git. Returns the target
+/// without credential query parameters.
+fn use_own_token(hdrs: &mut HeaderMap, target: &str, token: &Secret) -> String {
+    for h in [
+        "private-token",
+        "authorization",
+        "job-token",
+        "deploy-token",
+    ] {
+        hdrs.remove(h);
+    }
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (target, None),
+    };
+    let is_api = path.starts_with("/api/");
+    let value = if is_api {
+        HeaderValue::from_str(token.expose()).map(|v| ("private-token", v))
+    } else {
+        let basic =
+            base64::engine::general_purpose::STANDARD.encode(format!("oauth2:{}", token.expose()));
+        HeaderValue::from_str(&format!("Basic {basic}")).map(|v| ("authorization", v))
+    };
+    if let Ok((name, mut v)) = value {
+        v.set_sensitive(true);
+        hdrs.insert(name, v);
+    }
+    match query {
+        None => path.to_string(),
+        Some(q) => {
+            let kept: Vec<&str> = q
+                .split('&')
+                .filter(|kv| {
+                    let k = kv.split('=').next().unwrap_or("");
+                    !matches!(k, "private_token" | "access_token" | "job_token")
+                })
+                .collect();
+            if kept.is_empty() {
+                path.to_string()
+            } else {
+                format!("{path}?{}", kept.join("&"))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_token_replaces_cloud_credentials() {
+        let mut h = HeaderMap::new();
+        h.insert("private-token", HeaderValue::from_static("cloud"));
+        h.insert("authorization", HeaderValue::from_static("Bearer cloud"));
+        let t = use_own_token(
+            &mut h,
+            "/api/v4/projects?private_token=cloud&page=2",
+            &Secret::new("agent-tok"),
+        );
+        assert_eq!(t, "/api/v4/projects?page=2");
+        assert_eq!(h.get("private-token").unwrap(), "agent-tok");
+        assert!(h.get("authorization").is_none());
+
+        let mut h = HeaderMap::new();
+        h.insert(
+            "authorization",
+            HeaderValue::from_static("Basic Y2xvdWQ6Y2xvdWQ="),
+        );
+        let t = use_own_token(
+            &mut h,
+            "/g/p.git/info/refs?service=git-upload-pack",
+            &Secret::new("agent-tok"),
+        );
+        assert_eq!(t, "/g/p.git/info/refs?service=git-upload-pack");
+        let v = h.get("authorization").unwrap().to_str().unwrap();
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(&v[6..])
+            .unwrap();
+        assert_eq!(decoded, b"oauth2:agent-tok");
+    }
+}

@@ -1,0 +1,565 @@
+//! One tunnel stream: the Hello/Welcome handshake, the frame dispatcher and
+//! heartbeats.
+//!
+//! The dispatcher never waits on a request: heads spawn a task, body chunks go
+//! into the request's credit-bounded channel, credit and cancels update shared
+//! state. So a slow GitLab or a slow caller for one request never holds up the
+//! frames of the others.
+
+use crate::config::AgentConfig;
+use crate::dial::{self, DialError};
+use crate::request;
+use gitproxy_proto::v1::{
+    agent_message::Msg as Out, broker_message::Msg as In, AgentMessage, BrokerMessage, Cancel,
+    Credit, Drain, Error as ErrorFrame, Hello, Ping, Pong, RequestHead, Welcome,
+};
+use gitproxy_shared::errors::{ErrorCode, GitproxyError};
+use gitproxy_shared::tunnel::body::{self, BodySender, PushError};
+use gitproxy_shared::tunnel::credit::SendCredit;
+use gitproxy_shared::tunnel::outbound::{Control, ControlFrame, Outbound};
+use gitproxy_shared::tunnel::FlowSettings;
+use gitproxy_shared::upstream::{Upstream, UpstreamConfig};
+use gitproxy_shared::VERSION;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::metadata::MetadataValue;
+use tonic::Code;
+use tracing::{debug, info, warn, Instrument};
+
+/// Capabilities announced in Hello.
+pub const CAPABILITIES: [&str; 2] = ["flow-control-v1", "drain-v1"];
+
+/// Outbound data frames queued per stream before request tasks wait.
+const OUTBOUND_QUEUE: usize = 256;
+
+/// How a session ended without error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// The broker asked to drain; in-flight requests finished.
+    Drained,
+    /// The agent is shutting down; in-flight requests finished or the grace
+    /// period ran out.
+    ShutDown,
+    /// The broker closed the stream.
+    BrokerClosed,
+}
+
+/// Why a session failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The broker could not be reached.
+    #[error(transparent)]
+    Dial(#[from] DialError),
+    /// The accessKey was refused.
+    #[error("the broker rejected the accessKey (UNAUTHENTICATED): check GITPROXY_ACCESS_KEY (Helm gitproxy.accessKey) against the key issued for this connection")]
+    Unauthenticated,
+    /// The broker refused the stream for another reason.
+    #[error("the broker refused the tunnel: {0}")]
+    Refused(String),
+    /// The handshake went wrong.
+    #[error("tunnel handshake failed: {0}")]
+    Handshake(String),
+    /// The broker asked for another GitLab than the pinned one.
+    #[error("the broker asked for GitLab at {asked}, but this agent is pinned to {pinned} (GITPROXY_GITLAB_URL); refusing")]
+    PinMismatch {
+        /// What the broker sent.
+        asked: String,
+        /// The pin.
+        pinned: String,
+    },
+    /// The stream broke.
+    #[error("the tunnel stream broke: {0}")]
+    Stream(String),
+    /// No frame from the broker for too long.
+    #[error("no frame from the broker for {0:?}: assuming it is dead")]
+    HeartbeatTimeout(Duration),
+    /// The GitLab client could not be built.
+    #[error("cannot build the GitLab client: {0}")]
+    Upstream(String),
+}
+
+/// What a session tells the supervisor while it runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEvent {
+    /// The handshake completed.
+    Connected {
+        /// Session number.
+        generation: u64,
+    },
+    /// The broker asked this session to drain: open a successor now.
+    DrainRequested {
+        /// Session number.
+        generation: u64,
+    },
+}
+
+/// What the supervisor hands every session.
+pub struct SessionContext {
+    /// Configuration.
+    pub cfg: Arc<AgentConfig>,
+    /// This session's number.
+    pub generation: u64,
+    /// Events for the supervisor.
+    pub events: mpsc::Sender<SessionEvent>,
+    /// Agent shutdown.
+    pub shutdown: CancellationToken,
+    /// Generation of the newest connected session (a draining session ends
+    /// only once its successor is connected, so no request finds no agent).
+    pub connected_generation: watch::Receiver<u64>,
+    /// GitLab client reused across sessions while the URL stays the same.
+    pub upstream_cache: Arc<Mutex<Option<Upstream>>>,
+}
+
+/// A request being served.
+struct Inflight {
+    body: Option<BodySender>,
+    credit: SendCredit,
+    cancel: CancellationToken,
+}
+
+/// State shared by the dispatcher and the request tasks of one stream.
+pub(crate) struct Shared {
+    pub(crate) cfg: Arc<AgentConfig>,
+    pub(crate) upstream: Upstream,
+    pub(crate) tx: mpsc::Sender<AgentMessage>,
+    pub(crate) broker_flow: FlowSettings,
+    control: Arc<Control>,
+    inflight: Mutex<HashMap<u64, Inflight>>,
+    idle: Notify,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Inflight>> {
+        self.inflight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Called by a request task when it is done.
+    pub(crate) fn finish(&self, id: u64) {
+        let mut map = self.lock();
+        map.remove(&id);
+        if map.is_empty() {
+            self.idle.notify_one();
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Sends an Error frame without making the dispatcher wait.
+    pub(crate) fn reply_error(&self, id: u64, err: &GitproxyError) {
+        let msg = error_frame(id, err);
+        if let Err(mpsc::error::TrySendError::Full(msg)) = self.tx.try_send(msg) {
+            let tx = self.tx.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(msg).await;
+            });
+        }
+    }
+
+    /// Ends a request because the broker broke the protocol.
+    fn protocol_error(&self, id: u64, what: &str) {
+        warn!(request_id = id, "protocol error from the broker: {what}");
+        if let Some(e) = self.lock().remove(&id) {
+            e.cancel.cancel();
+            e.credit.close();
+        }
+        self.reply_error(
+            id,
+            &GitproxyError::new(ErrorCode::ProtocolError, format!("protocol error: {what}")),
+        );
+    }
+}
+
+/// Wire form of an error.
+pub(crate) fn error_frame(id: u64, err: &GitproxyError) -> AgentMessage {
+    AgentMessage {
+        msg: Some(Out::Error(ErrorFrame {
+            id,
+            code: err.error.as_str().to_string(),
+            message: err.message.clone(),
+            hint: err.hint.clone(),
+        })),
+    }
+}
+
+fn control_to_msg(f: ControlFrame) -> AgentMessage {
+    let msg = match f {
+        ControlFrame::Credit { id, bytes } => Out::Credit(Credit { id, bytes }),
+        ControlFrame::Pong(nonce) => Out::Pong(Pong { nonce }),
+        // The agent ends requests with Error frames; a cancel here means the
+        // same to the broker.
+        ControlFrame::Cancel(id) => Out::Error(ErrorFrame {
+            id,
+            code: ErrorCode::Internal.as_str().into(),
+            message: "cancelled by the agent".into(),
+            hint: String::new(),
+        }),
+    };
+    AgentMessage { msg: Some(msg) }
+}
+
+/// Runs one session until it ends.
+pub async fn run(ctx: SessionContext) -> Result<SessionEnd, SessionError> {
+    let cfg = ctx.cfg.clone();
+    let mut client = dial::connect(&cfg).await?;
+
+    let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+    let control = Control::new();
+    let hello = AgentMessage {
+        msg: Some(Out::Hello(Hello {
+            version: VERSION.to_string(),
+            instance: cfg.instance.clone(),
+            capabilities: CAPABILITIES.iter().map(|s| s.to_string()).collect(),
+            pinned_gitlab_url: cfg
+                .gitlab_url
+                .as_ref()
+                .map(|u| u.to_string())
+                .unwrap_or_default(),
+            holds_token: cfg.gitlab_token.is_some(),
+            window_bytes: cfg.flow.window_bytes,
+        })),
+    };
+    tx.try_send(hello)
+        .map_err(|_| SessionError::Handshake("cannot queue Hello".into()))?;
+
+    let mut req = tonic::Request::new(Outbound::new(control.clone(), rx, control_to_msg));
+    let mut auth =
+        MetadataValue::try_from(format!("Bearer {}", cfg.access_key.expose())).map_err(|_| {
+            SessionError::Handshake("the accessKey holds characters not allowed in a header".into())
+        })?;
+    auth.set_sensitive(true);
+    req.metadata_mut().insert("authorization", auth);
+
+    let mut inbound = match client.connect(req).await {
+        Ok(r) => r.into_inner(),
+        Err(s) if s.code() == Code::Unauthenticated => return Err(SessionError::Unauthenticated),
+        Err(s) => {
+            return Err(SessionError::Refused(format!(
+                "{}: {}",
+                s.code(),
+                s.message()
+            )))
+        }
+    };
+
+    let welcome = match tokio::time::timeout(Duration::from_secs(15), inbound.message()).await {
+        Ok(Ok(Some(BrokerMessage {
+            msg: Some(In::Welcome(w)),
+        }))) => w,
+        Ok(Ok(Some(_))) => {
+            return Err(SessionError::Handshake(
+                "the first frame was not Welcome".into(),
+            ))
+        }
+        Ok(Ok(None)) => {
+            return Err(SessionError::Handshake(
+                "the broker closed the stream".into(),
+            ))
+        }
+        Ok(Err(s)) if s.code() == Code::Unauthenticated => {
+            return Err(SessionError::Unauthenticated)
+        }
+        Ok(Err(s)) => {
+            return Err(SessionError::Handshake(format!(
+                "{}: {}",
+                s.code(),
+                s.message()
+            )))
+        }
+        Err(_) => return Err(SessionError::Handshake("no Welcome within 15s".into())),
+    };
+    let (broker_flow, hb_interval, hb_timeout) = check_welcome(&welcome)?;
+    let upstream = upstream_for(&ctx, &welcome.gitlab_url)?;
+
+    let shared = Arc::new(Shared {
+        cfg: cfg.clone(),
+        upstream,
+        tx: tx.clone(),
+        broker_flow,
+        control: control.clone(),
+        inflight: Mutex::new(HashMap::new()),
+        idle: Notify::new(),
+    });
+    info!(
+        connection = %welcome.connection_id,
+        gitlab = %welcome.gitlab_url,
+        generation = ctx.generation,
+        "connected to the broker"
+    );
+    let _ = ctx
+        .events
+        .send(SessionEvent::Connected {
+            generation: ctx.generation,
+        })
+        .await;
+
+    // Every request task is a child of this token: when the session ends,
+    // for whatever reason, the upstream requests are aborted.
+    let session_cancel = CancellationToken::new();
+    let _abort_requests = session_cancel.clone().drop_guard();
+
+    let mut reader = Reader {
+        shared: shared.clone(),
+        session_cancel: session_cancel.clone(),
+        last_id: 0,
+    };
+    let mut heartbeat = tokio::time::interval(hb_interval);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_seen = Instant::now();
+    let mut ping_nonce = 0u64;
+    let mut drain: Option<Drainage> = None;
+    let mut successor = ctx.connected_generation.clone();
+    let far_future = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+
+    loop {
+        if let Some(d) = &drain {
+            let successor_up = d.shutdown || *successor.borrow() > ctx.generation;
+            if successor_up && shared.in_flight() == 0 {
+                return Ok(if d.shutdown {
+                    SessionEnd::ShutDown
+                } else {
+                    SessionEnd::Drained
+                });
+            }
+        }
+        let deadline = drain.as_ref().map(|d| d.deadline).unwrap_or(far_future);
+        tokio::select! {
+            msg = inbound.message() => match msg {
+                Ok(Some(m)) => {
+                    last_seen = Instant::now();
+                    if let Some(reason) = reader.dispatch(m) {
+                        if drain.is_none() {
+                            info!(reason = %reason, in_flight = shared.in_flight(), "the broker asked to drain: opening a new stream, finishing in-flight requests here");
+                            drain = Some(Drainage { shutdown: false, deadline: Instant::now() + cfg.shutdown_grace.max(Duration::from_secs(60)) });
+                            let _ = ctx.events.send(SessionEvent::DrainRequested { generation: ctx.generation }).await;
+                        }
+                    }
+                }
+                Ok(None) => {
+                    return match &drain {
+                        Some(d) if d.shutdown => Ok(SessionEnd::ShutDown),
+                        Some(_) => Ok(SessionEnd::Drained),
+                        None => Ok(SessionEnd::BrokerClosed),
+                    };
+                }
+                Err(s) => return Err(SessionError::Stream(format!("{}: {}", s.code(), s.message()))),
+            },
+            _ = heartbeat.tick() => {
+                let silent = last_seen.elapsed();
+                if silent > hb_timeout {
+                    return Err(SessionError::HeartbeatTimeout(silent));
+                }
+                ping_nonce += 1;
+                // A full queue means frames are flowing anyway.
+                let _ = tx.try_send(AgentMessage { msg: Some(Out::Ping(Ping { nonce: ping_nonce })) });
+            }
+            _ = ctx.shutdown.cancelled(), if drain.as_ref().is_none_or(|d| !d.shutdown) => {
+                info!(in_flight = shared.in_flight(), "draining: the broker will send no new requests");
+                let _ = tx.send(AgentMessage { msg: Some(Out::Drain(Drain { reason: "agent shutting down".into() })) }).await;
+                drain = Some(Drainage { shutdown: true, deadline: Instant::now() + cfg.shutdown_grace });
+            }
+            _ = shared.idle.notified(), if drain.is_some() => {}
+            _ = successor.changed(), if drain.is_some() => {}
+            _ = tokio::time::sleep_until(deadline), if drain.is_some() => {
+                warn!(abandoned = shared.in_flight(), "drain grace period over: abandoning in-flight requests");
+                return Ok(SessionEnd::ShutDown);
+            }
+        }
+    }
+}
+
+struct Drainage {
+    shutdown: bool,
+    deadline: Instant,
+}
+
+fn check_welcome(w: &Welcome) -> Result<(FlowSettings, Duration, Duration), SessionError> {
+    let flow = FlowSettings {
+        window_bytes: w.window_bytes,
+        min_frame_cost: w.min_frame_cost,
+        max_chunk_bytes: w.max_chunk_bytes,
+    };
+    flow.validate().map_err(|e| {
+        SessionError::Handshake(format!("the broker's flow settings are unusable: {e}"))
+    })?;
+    let interval = Duration::from_millis(u64::from(w.heartbeat_interval_ms.max(100)));
+    let timeout = Duration::from_millis(u64::from(w.heartbeat_timeout_ms)).max(interval * 2);
+    Ok((flow, interval, timeout))
+}
+
+fn upstream_for(ctx: &SessionContext, gitlab_url: &str) -> Result<Upstream, SessionError> {
+    let asked = url::Url::parse(gitlab_url)
+        .map_err(|_| SessionError::Handshake("the broker sent an invalid GitLab URL".into()))?;
+    if let Some(pinned) = &ctx.cfg.gitlab_url {
+        if pinned.as_str().trim_end_matches('/') != asked.as_str().trim_end_matches('/') {
+            return Err(SessionError::PinMismatch {
+                asked: asked.to_string(),
+                pinned: pinned.to_string(),
+            });
+        }
+    }
+    let mut cache = ctx.upstream_cache.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(u) = cache.as_ref() {
+        if u.base() == asked.as_str().trim_end_matches('/') {
+            return Ok(u.clone());
+        }
+    }
+    let u = Upstream::new(UpstreamConfig {
+        base_url: asked,
+        extra_ca_pem: ctx.cfg.extra_ca_pem.clone(),
+        proxy: ctx.cfg.proxy.clone(),
+        connect_timeout: ctx.cfg.connect_timeout,
+    })
+    .map_err(|e| SessionError::Upstream(e.to_string()))?;
+    if let Some(p) = &u.route().proxy {
+        info!(proxy = %p, gitlab = %u.base(), "GitLab requests go through the proxy");
+    }
+    *cache = Some(u.clone());
+    Ok(u)
+}
+
+/// The dispatcher's own state.
+struct Reader {
+    shared: Arc<Shared>,
+    session_cancel: CancellationToken,
+    /// Highest request id seen; ids only grow, so an id at or below it with
+    /// no entry is a late frame of a finished request, one above it is bogus.
+    last_id: u64,
+}
+
+impl Reader {
+    /// Handles one frame without waiting. Returns the reason when the broker
+    /// asks to drain.
+    fn dispatch(&mut self, m: BrokerMessage) -> Option<String> {
+        match m.msg {
+            Some(In::RequestHead(h)) => self.start(h),
+            Some(In::Data(d)) => self.data(d.id, d.data),
+            Some(In::End(e)) => self.end(e.id),
+            Some(In::Cancel(Cancel { id })) => {
+                if let Some(e) = self.shared.lock().remove(&id) {
+                    debug!(request_id = id, "cancelled by the broker");
+                    e.cancel.cancel();
+                    e.credit.close();
+                }
+            }
+            Some(In::Credit(c)) => self.credit(c.id, c.bytes),
+            Some(In::Ping(p)) => self.shared.control.pong(p.nonce),
+            Some(In::Pong(_)) => {}
+            Some(In::Drain(d)) => return Some(d.reason),
+            Some(In::Welcome(_)) => warn!("unexpected second Welcome ignored"),
+            None => debug!("frame of an unknown kind ignored (newer broker?)"),
+        }
+        None
+    }
+
+    fn start(&mut self, h: RequestHead) {
+        let id = h.id;
+        if id <= self.last_id {
+            self.shared.protocol_error(id, "request id reused");
+            return;
+        }
+        self.last_id = id;
+        let path = h.path.split('?').next().unwrap_or("").to_string();
+        if let Err(reason) = self.shared.cfg.policy.check(&h.method, &h.path) {
+            warn!(request_id = id, method = %h.method, path = %truncate(&path), error = "blocked_by_policy", "refused by policy: {reason}");
+            self.shared.reply_error(
+                id,
+                &GitproxyError::new(
+                    ErrorCode::BlockedByPolicy,
+                    format!("refused by the agent's policy: {reason}"),
+                ),
+            );
+            return;
+        }
+        let (body_tx, body_rx) = if h.end_of_stream {
+            (None, None)
+        } else {
+            let (t, r) = body::channel(
+                id,
+                self.shared.cfg.flow,
+                self.shared.control.clone(),
+                h.content_length,
+            );
+            (Some(t), Some(r))
+        };
+        let credit = SendCredit::new(self.shared.broker_flow.window_bytes as usize);
+        let cancel = self.session_cancel.child_token();
+        self.shared.lock().insert(
+            id,
+            Inflight {
+                body: body_tx,
+                credit: credit.clone(),
+                cancel: cancel.clone(),
+            },
+        );
+        let span = tracing::info_span!("request", request_id = id, method = %h.method, path = %truncate(&path));
+        let shared = self.shared.clone();
+        tokio::spawn(request::serve(shared, h, body_rx, credit, cancel).instrument(span));
+    }
+
+    fn data(&mut self, id: u64, data: bytes::Bytes) {
+        if data.len() > self.shared.cfg.flow.max_chunk_bytes as usize {
+            self.shared
+                .protocol_error(id, "Data frame larger than the largest chunk");
+            return;
+        }
+        let res = {
+            let map = self.shared.lock();
+            match map.get(&id) {
+                None => None,
+                Some(Inflight { body: None, .. }) => Some(Err("Data after End")),
+                Some(Inflight { body: Some(b), .. }) => Some(match b.push(data) {
+                    Ok(()) | Err(PushError::Gone) => Ok(()),
+                    Err(PushError::Overrun) => Err("Data beyond the granted credit"),
+                }),
+            }
+        };
+        match res {
+            None if id > self.last_id => self
+                .shared
+                .protocol_error(id, "Data for an unknown request"),
+            Some(Err(what)) => self.shared.protocol_error(id, what),
+            _ => {}
+        }
+    }
+
+    fn end(&mut self, id: u64) {
+        let res = {
+            let mut map = self.shared.lock();
+            match map.get_mut(&id) {
+                None => None,
+                Some(e) => Some(e.body.take().map(BodySender::end).ok_or("End after End")),
+            }
+        };
+        match res {
+            None if id > self.last_id => {
+                self.shared.protocol_error(id, "End for an unknown request")
+            }
+            Some(Err(what)) => self.shared.protocol_error(id, what),
+            _ => {}
+        }
+    }
+
+    fn credit(&mut self, id: u64, bytes: u32) {
+        let res = self
+            .shared
+            .lock()
+            .get(&id)
+            .map(|e| e.credit.grant(bytes as usize));
+        if let Some(Err(e)) = res {
+            self.shared.protocol_error(id, &e.to_string());
+        }
+    }
+}
+
+fn truncate(s: &str) -> &str {
+    match s.char_indices().nth(200) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}

@@ -1,0 +1,94 @@
+//! `gitproxy.v1.Admin` over gRPC on the api listener, authenticated with
+//! metadata `x-gitproxy-key`.
+
+use super::connections::view;
+use crate::state::AppState;
+use futures::Stream;
+use gitproxy_proto::v1 as pb;
+use gitproxy_proto::v1::admin_server::Admin;
+use std::pin::Pin;
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+/// The Admin service.
+pub struct AdminService {
+    state: Arc<AppState>,
+}
+
+impl AdminService {
+    /// A service over the broker's state.
+    pub fn new(state: Arc<AppState>) -> Self {
+        AdminService { state }
+    }
+}
+
+/// The interceptor checking `x-gitproxy-key`.
+pub fn auth(
+    state: Arc<AppState>,
+) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |req: Request<()>| {
+        let presented = req.metadata().get("x-gitproxy-key").map(|v| v.as_bytes());
+        if state.connections().api_key_ok(presented) {
+            Ok(req)
+        } else {
+            Err(Status::unauthenticated("missing or wrong x-gitproxy-key"))
+        }
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::TunnelEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn list_connections(
+        &self,
+        _req: Request<pb::ListConnectionsRequest>,
+    ) -> Result<Response<pb::ListConnectionsResponse>, Status> {
+        let connections = self
+            .state
+            .connections()
+            .all()
+            .iter()
+            .map(|c| {
+                let v = view(&self.state, c);
+                pb::Connection {
+                    id: v.id,
+                    mode: v.mode.to_string(),
+                    gitlab_url: v.gitlab_url,
+                    status: v.status.to_string(),
+                    agents: v
+                        .agents
+                        .into_iter()
+                        .map(|a| pb::AgentInfo {
+                            instance: a.instance,
+                            version: a.version,
+                            connected_since: a.connected_since,
+                            in_flight: a.in_flight as u64,
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ListConnectionsResponse { connections }))
+    }
+
+    async fn test_connection(
+        &self,
+        _req: Request<pb::TestConnectionRequest>,
+    ) -> Result<Response<pb::TestConnectionResponse>, Status> {
+        Err(Status::unimplemented(
+            "TestConnection is not available in this version",
+        ))
+    }
+
+    type WatchTunnelStream = EventStream;
+
+    async fn watch_tunnel(
+        &self,
+        _req: Request<pb::WatchTunnelRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        Err(Status::unimplemented(
+            "WatchTunnel is not available in this version",
+        ))
+    }
+}

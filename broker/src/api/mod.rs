@@ -1,0 +1,49 @@
+//! The api listener's routes: the front door, `/healthz`, `/readyz`, the
+//! connection API under `/v1`, and gRPC (`gitproxy.v1.Admin`, health,
+//! reflection) on the same port.
+
+pub mod admin;
+pub mod connections;
+
+use crate::frontdoor;
+use crate::state::AppState;
+use axum::extract::State;
+use axum::routing::{any, get};
+use axum::Router;
+use gitproxy_proto::v1::admin_server::AdminServer;
+use http::StatusCode;
+use std::sync::Arc;
+
+/// Builds the api listener's service.
+pub fn router(
+    state: Arc<AppState>,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+) -> Router {
+    let admin = AdminServer::with_interceptor(
+        admin::AdminService::new(state.clone()),
+        admin::auth(state.clone()),
+    );
+    let grpc = tonic::service::Routes::new(admin)
+        .add_service(health)
+        .add_service(crate::server::reflection_v1())
+        .add_service(crate::server::reflection_v1alpha())
+        .into_axum_router();
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/v1/connections", get(connections::list))
+        .route("/v1/connections/{id}", get(connections::get_one))
+        .route("/gitlab/{*rest}", any(frontdoor::handle))
+        .with_state(state)
+        .merge(grpc)
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str) {
+    if state.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+    } else {
+        (StatusCode::OK, "ready\n")
+    }
+}

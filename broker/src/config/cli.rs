@@ -1,0 +1,86 @@
+//! The command line of `gitproxy-broker`.
+
+use clap::{Args, Parser, Subcommand};
+use gitproxy_shared::logging::LogFormat;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The gitproxy broker: delivers cloud GitLab requests directly or through
+/// the customer's on-premise agent.
+#[derive(Debug, Parser)]
+#[command(
+    name = "gitproxy-broker",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    /// What to do (default: serve).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Settings of `serve` when no subcommand is given.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the broker (the default).
+    Serve(Box<ServeArgs>),
+    /// Print a new random key and the TOML line holding its SHA-256.
+    Keygen,
+}
+
+/// Settings of `serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Agent listener address [default: 0.0.0.0:8443].
+    #[arg(long, env = "GITPROXY_AGENT_LISTEN")]
+    pub agent_listen: Option<String>,
+    /// API listener address [default: 127.0.0.1:8080].
+    #[arg(long, env = "GITPROXY_API_LISTEN")]
+    pub api_listen: Option<String>,
+    /// PEM certificate chain for the agent listener's TLS.
+    #[arg(long, env = "GITPROXY_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for the agent listener's TLS.
+    #[arg(long, env = "GITPROXY_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM certificate chain for the api listener's TLS.
+    #[arg(long, env = "GITPROXY_API_TLS_CERT")]
+    pub api_tls_cert: Option<PathBuf>,
+    /// PEM private key for the api listener's TLS.
+    #[arg(long, env = "GITPROXY_API_TLS_KEY")]
+    pub api_tls_key: Option<PathBuf>,
+    /// Where API-made connections persist.
+    #[arg(long, env = "GITPROXY_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The TOML configuration file.
+    #[arg(long, env = "GITPROXY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Log format: text or json.
+    #[arg(long, env = "GITPROXY_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+    /// How often the broker pings each agent.
+    #[arg(long, env = "GITPROXY_HEARTBEAT_INTERVAL", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Duration,
+    /// Silence after which an agent (or the broker, for the agent) is dead.
+    #[arg(long, env = "GITPROXY_HEARTBEAT_TIMEOUT", default_value = "45s", value_parser = humantime::parse_duration)]
+    pub heartbeat_timeout: Duration,
+    /// Agent streams older than this are asked to drain and reconnect (0s = never).
+    #[arg(long, env = "GITPROXY_MAX_CONNECTION_AGE", default_value = "2h", value_parser = humantime::parse_duration)]
+    pub max_connection_age: Duration,
+    /// Limit on waiting for GitLab's response head.
+    #[arg(long, env = "GITPROXY_REQUEST_TIMEOUT", default_value = "300s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+    /// Most requests in flight per connection before answering `overloaded`.
+    #[arg(long, env = "GITPROXY_MAX_IN_FLIGHT", default_value_t = 2048)]
+    pub max_in_flight: usize,
+    /// How long in-flight requests may take to finish on shutdown.
+    #[arg(long, env = "GITPROXY_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+    /// Per-request receive window in bytes (memory bound per response body).
+    #[arg(long, env = "GITPROXY_WINDOW_BYTES", default_value_t = gitproxy_shared::tunnel::FlowSettings::default().window_bytes, hide = true)]
+    pub window_bytes: u32,
+}

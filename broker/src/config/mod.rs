@@ -1,0 +1,153 @@
+//! Configuration of the broker: clap flags (each with a `GITPROXY_*`
+//! variable) over an optional TOML file, validated into one [`BrokerConfig`].
+//!
+//! - [`cli`]: the command line.
+//! - [`file`]: the TOML file's schema.
+//! - [`connections`]: the validated connection table the broker serves.
+
+pub mod cli;
+pub mod connections;
+pub mod file;
+
+pub use cli::{Cli, Command, ServeArgs};
+pub use connections::{Connection, ConnectionSet, Mode};
+
+use anyhow::{bail, Context};
+use gitproxy_shared::tunnel::FlowSettings;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Tunnel tuning (flags only; defaults suit production).
+#[derive(Debug, Clone)]
+pub struct TunnelSettings {
+    /// How often each side pings.
+    pub heartbeat_interval: Duration,
+    /// Silence after which a peer is dead.
+    pub heartbeat_timeout: Duration,
+    /// Streams older than this are asked to drain (0 = never).
+    pub max_connection_age: Duration,
+    /// Limit on waiting for GitLab's response head.
+    pub request_timeout: Duration,
+    /// Most requests in flight per connection before `overloaded`.
+    pub max_in_flight: usize,
+    /// Per-request flow control of response bodies.
+    pub flow: FlowSettings,
+}
+
+/// The validated broker configuration.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// Agent listener address.
+    pub agent_listen: SocketAddr,
+    /// API listener address.
+    pub api_listen: SocketAddr,
+    /// Agent listener TLS (cert, key).
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// API listener TLS (cert, key).
+    pub api_tls: Option<(PathBuf, PathBuf)>,
+    /// Where API-made connections persist.
+    pub data_dir: Option<PathBuf>,
+    /// The TOML file, reloaded on SIGHUP.
+    pub config_file: Option<PathBuf>,
+    /// Connections and API keys.
+    pub connections: ConnectionSet,
+    /// Tunnel tuning.
+    pub tunnel: TunnelSettings,
+    /// How long in-flight requests may take on shutdown.
+    pub shutdown_grace: Duration,
+}
+
+impl BrokerConfig {
+    /// Merges flags over the file and validates everything.
+    pub fn load(a: ServeArgs) -> anyhow::Result<Self> {
+        let file = match &a.config {
+            Some(p) => file::FileConfig::read(p)?,
+            None => file::FileConfig::default(),
+        };
+        let agent_listen = pick_addr(
+            a.agent_listen,
+            file.agent_listen.as_deref(),
+            "0.0.0.0:8443",
+            "agent_listen",
+        )?;
+        let api_listen = pick_addr(
+            a.api_listen,
+            file.api_listen.as_deref(),
+            "127.0.0.1:8080",
+            "api_listen",
+        )?;
+        let tls = pair(
+            a.tls_cert.or(file.tls_cert.clone()),
+            a.tls_key.or(file.tls_key.clone()),
+            "--tls-cert",
+            "--tls-key",
+        )?;
+        let api_tls = pair(
+            a.api_tls_cert.or(file.api_tls_cert.clone()),
+            a.api_tls_key.or(file.api_tls_key.clone()),
+            "--api-tls-cert",
+            "--api-tls-key",
+        )?;
+        let base_dir = a
+            .config
+            .as_ref()
+            .and_then(|p| p.parent().map(|d| d.to_path_buf()));
+        let connections = ConnectionSet::from_file(&file, base_dir.as_deref())?;
+        if !api_listen.ip().is_loopback() && connections.api_keys_empty() {
+            bail!(
+                "the api listener {api_listen} is not on loopback and no API key is configured: add api_keys_sha256 to the config file (gitproxy-broker keygen makes one), or bind it to 127.0.0.1"
+            );
+        }
+        let flow = FlowSettings {
+            window_bytes: a.window_bytes,
+            ..FlowSettings::default()
+        };
+        flow.validate().map_err(anyhow::Error::msg)?;
+        if a.heartbeat_timeout < a.heartbeat_interval * 2 {
+            bail!("--heartbeat-timeout must be at least twice --heartbeat-interval");
+        }
+        Ok(BrokerConfig {
+            agent_listen,
+            api_listen,
+            tls,
+            api_tls,
+            data_dir: a.data_dir.or(file.data_dir.clone()),
+            config_file: a.config,
+            connections,
+            tunnel: TunnelSettings {
+                heartbeat_interval: a.heartbeat_interval,
+                heartbeat_timeout: a.heartbeat_timeout,
+                max_connection_age: a.max_connection_age,
+                request_timeout: a.request_timeout,
+                max_in_flight: a.max_in_flight,
+                flow,
+            },
+            shutdown_grace: a.shutdown_grace,
+        })
+    }
+}
+
+fn pick_addr(
+    flag: Option<String>,
+    file: Option<&str>,
+    default: &str,
+    what: &str,
+) -> anyhow::Result<SocketAddr> {
+    let s = flag.as_deref().or(file).unwrap_or(default);
+    s.parse()
+        .with_context(|| format!("{what} {s:?} is not an address like 127.0.0.1:8080"))
+}
+
+fn pair(
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    c: &str,
+    k: &str,
+) -> anyhow::Result<Option<(PathBuf, PathBuf)>> {
+    match (cert, key) {
+        (Some(c), Some(k)) => Ok(Some((c, k))),
+        (None, None) => Ok(None),
+        _ => bail!("{c} and {k} go together: set both or neither"),
+    }
+}

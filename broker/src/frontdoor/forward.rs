@@ -1,0 +1,257 @@
+//! Delivery of a front-door request, through the connection's agent or
+//! directly, streaming both ways, and the answer rebuilt for the caller.
+
+use super::body::{Logged, RequestLog, SyncBody};
+use super::credentials;
+use super::rewrite::Rewriter;
+use super::target::Target;
+use crate::config::Connection;
+use crate::state::{AppState, InFlightGuard};
+use axum::body::Body;
+use gitproxy_proto::v1::{Header, RequestHead};
+use gitproxy_shared::errors::{ErrorCode, GitproxyError};
+use gitproxy_shared::headers;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::Body as _;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Instant;
+
+fn content_length(h: &HeaderMap) -> Option<u64> {
+    h.get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The front-door base the caller used, for rewriting GitLab's URLs.
+fn front_base(state: &AppState, conn: &Connection, h: &HeaderMap) -> String {
+    let header = |n: &str| {
+        h.get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(',').next().unwrap_or("").trim().to_string())
+    };
+    let scheme = header("x-forwarded-proto")
+        .filter(|s| s == "http" || s == "https")
+        .unwrap_or_else(|| {
+            if state.config.api_tls.is_some() {
+                "https".into()
+            } else {
+                "http".into()
+            }
+        });
+    let host = header("x-forwarded-host")
+        .or_else(|| header("host"))
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| state.config.api_listen.to_string());
+    format!("{scheme}://{host}/gitlab/{}", conn.id)
+}
+
+fn rewriter(state: &AppState, conn: &Connection, h: &HeaderMap) -> Rewriter {
+    let mut origins = vec![conn.gitlab_url.to_string()];
+    if let Some(e) = &conn.external_url {
+        origins.push(e.to_string());
+    }
+    Rewriter::new(origins, front_base(state, conn, h))
+}
+
+/// Rebuilds GitLab's answer for the caller: hop-by-hop headers dropped,
+/// `Link`/`Location` rewritten to the front door.
+fn answer_headers(wire: &[Header], rw: &Rewriter) -> Result<HeaderMap, GitproxyError> {
+    let mut map =
+        headers::from_wire(wire).map_err(|e| GitproxyError::new(ErrorCode::ProtocolError, e))?;
+    for name in [http::header::LINK, http::header::LOCATION] {
+        let values: Vec<HeaderValue> = map.get_all(&name).iter().cloned().collect();
+        if values.is_empty() {
+            continue;
+        }
+        map.remove(&name);
+        for v in values {
+            let new = v.to_str().ok().and_then(|s| {
+                if name == http::header::LINK {
+                    rw.link(s)
+                } else {
+                    rw.location(s)
+                }
+            });
+            match new.and_then(|n| HeaderValue::from_str(&n).ok()) {
+                Some(n) => map.append(&name, n),
+                None => map.append(&name, v),
+            };
+        }
+    }
+    Ok(map)
+}
+
+fn respond<B>(
+    status: u16,
+    hdrs: HeaderMap,
+    body: B,
+    log: RequestLog,
+    guards: Box<dyn Send + Sync>,
+) -> Response<Body>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+    B::Error: Into<super::body::BoxError>,
+{
+    let mut r = Response::new(Body::new(Logged::new(body, log, guards)));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    *r.headers_mut() = hdrs;
+    r
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS)
+}
+
+/// Delivers through one of the connection's agents.
+pub async fn via_agent(
+    state: &Arc<AppState>,
+    conn: &Arc<Connection>,
+    t: Target,
+    req: Request<Body>,
+    slot: InFlightGuard,
+) -> Result<Response<Body>, GitproxyError> {
+    let started = Instant::now();
+    let (parts, body) = req.into_parts();
+    let wire_headers = headers::request_to_wire(&parts.headers);
+    let body = (!body.is_end_stream()).then_some(body);
+    let retryable = body.is_none() && is_idempotent(&parts.method);
+    let mut body = body;
+    let mut attempt = 0;
+    let (answer, guard, session_instance) = loop {
+        attempt += 1;
+        let session = state.registry.pick(&conn.id).ok_or_else(|| {
+            GitproxyError::new(
+                ErrorCode::AgentNotConnected,
+                format!("no agent is connected for connection {}", conn.id),
+            )
+        })?;
+        let mut hdrs = wire_headers.clone();
+        if !session.holds_token && !credentials::caller_has_credentials(&hdrs, &t.target) {
+            if let Some(token) = &conn.token {
+                credentials::inject(&mut hdrs, &t.target, token);
+            }
+        }
+        let head = RequestHead {
+            id: 0,
+            method: parts.method.as_str().to_string(),
+            path: t.target.clone(),
+            headers: hdrs,
+            timeout_ms: 0,
+            end_of_stream: false,
+            content_length: content_length(&parts.headers),
+        };
+        let bytes_in = Arc::new(AtomicU64::new(0));
+        match session
+            .send_request(
+                head,
+                body.take(),
+                state.config.tunnel.request_timeout,
+                bytes_in.clone(),
+            )
+            .await
+        {
+            Ok((a, g)) => break (a, (g, bytes_in), session.instance.clone()),
+            // A request without body that never got an answer from a dying
+            // agent is safe to try once more on another agent.
+            Err(e) if e.error == ErrorCode::AgentDisconnected && retryable && attempt < 2 => {
+                continue
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let (guard, bytes_in) = guard;
+    let hdrs = answer_headers(&answer.headers, &rewriter(state, conn, &parts.headers))?;
+    let log = RequestLog {
+        connection: conn.id.clone(),
+        request_id: guard.id(),
+        method: parts.method.to_string(),
+        path: t.path_only().to_string(),
+        status: answer.status,
+        mode: "agent",
+        agent: session_instance,
+        bytes_in,
+        started,
+    };
+    let guards: Box<dyn Send + Sync> = Box::new((guard, slot));
+    Ok(match answer.body {
+        Some(b) => respond(answer.status, hdrs, b, log, guards),
+        None => respond(
+            answer.status,
+            hdrs,
+            http_body_util::Empty::<bytes::Bytes>::new(),
+            log,
+            guards,
+        ),
+    })
+}
+
+/// Delivers from the broker itself (direct mode).
+pub async fn direct(
+    state: &Arc<AppState>,
+    conn: &Arc<Connection>,
+    t: Target,
+    req: Request<Body>,
+    slot: InFlightGuard,
+) -> Result<Response<Body>, GitproxyError> {
+    let started = Instant::now();
+    let upstream = conn.upstream.as_ref().ok_or_else(|| {
+        GitproxyError::new(ErrorCode::Internal, "direct connection without a client")
+    })?;
+    let (parts, body) = req.into_parts();
+    let mut wire = headers::request_to_wire(&parts.headers);
+    if !credentials::caller_has_credentials(&wire, &t.target) {
+        if let Some(token) = &conn.token {
+            credentials::inject(&mut wire, &t.target, token);
+        }
+    }
+    let mut hdrs =
+        headers::from_wire(&wire).map_err(|e| GitproxyError::new(ErrorCode::BadRequest, e))?;
+    for v in hdrs.values_mut() {
+        v.set_sensitive(true);
+    }
+    let bytes_in = Arc::new(AtomicU64::new(0));
+    let body = (!body.is_end_stream()).then(|| {
+        reqwest::Body::wrap(SyncBody::new(
+            body,
+            content_length(&parts.headers),
+            bytes_in.clone(),
+        ))
+    });
+    let timeout = state.config.tunnel.request_timeout;
+    let resp = match tokio::time::timeout(
+        timeout,
+        upstream.send(parts.method.clone(), &t.target, hdrs, body),
+    )
+    .await
+    {
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(GitproxyError::new(
+                ErrorCode::Timeout,
+                format!("GitLab did not answer within {}s", timeout.as_secs()),
+            ))
+        }
+    };
+    let status = resp.status().as_u16();
+    let wire = headers::response_to_wire(resp.headers());
+    let hdrs = answer_headers(&wire, &rewriter(state, conn, &parts.headers))?;
+    let log = RequestLog {
+        connection: conn.id.clone(),
+        request_id: 0,
+        method: parts.method.to_string(),
+        path: t.path_only().to_string(),
+        status,
+        mode: "direct",
+        agent: String::new(),
+        bytes_in,
+        started,
+    };
+    Ok(respond(
+        status,
+        hdrs,
+        reqwest::Body::from(resp),
+        log,
+        Box::new(slot),
+    ))
+}

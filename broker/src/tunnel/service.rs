@@ -1,0 +1,160 @@
+//! `gitproxy.v1.Tunnel/Connect`: authenticates the agent by its accessKey,
+//! runs the Hello/Welcome handshake and hands the stream to a session.
+
+use super::session::{control_to_msg, AgentSession, SessionSettings};
+use crate::state::AppState;
+use futures::{Stream, StreamExt};
+use gitproxy_proto::v1::{
+    agent_message::Msg as In, broker_message::Msg as Out, tunnel_server::Tunnel, AgentMessage,
+    BrokerMessage, Welcome,
+};
+use gitproxy_shared::tunnel::outbound::{Control, Outbound};
+use gitproxy_shared::tunnel::FlowSettings;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn, Instrument};
+
+/// Outbound data frames queued per stream before request tasks wait.
+const OUTBOUND_QUEUE: usize = 256;
+
+/// The Tunnel service.
+#[derive(Clone)]
+pub struct TunnelService {
+    state: Arc<AppState>,
+}
+
+impl TunnelService {
+    /// A service over the broker's state.
+    pub fn new(state: Arc<AppState>) -> Self {
+        TunnelService { state }
+    }
+}
+
+/// The same answer for every authentication failure, so a caller learns
+/// nothing about which part was wrong.
+fn unauthenticated() -> Status {
+    Status::unauthenticated("invalid accessKey")
+}
+
+type BoxStream = Pin<Box<dyn Stream<Item = Result<BrokerMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Tunnel for TunnelService {
+    type ConnectStream = BoxStream;
+
+    async fn connect(
+        &self,
+        req: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<BoxStream>, Status> {
+        let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let key = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .filter(|k| !k.is_empty());
+        let Some(key) = key else {
+            warn!(peer = %peer, "agent refused: no accessKey");
+            return Err(unauthenticated());
+        };
+        let Some(conn) = self.state.connections().find_by_access_key(key) else {
+            warn!(peer = %peer, "agent refused: unknown accessKey");
+            return Err(unauthenticated());
+        };
+        if self.state.is_draining() {
+            return Err(Status::unavailable(
+                "the broker is shutting down; reconnect to another instance",
+            ));
+        }
+        let mut inbound = req.into_inner();
+        let hello = match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await {
+            Ok(Ok(Some(AgentMessage {
+                msg: Some(In::Hello(h)),
+            }))) => h,
+            Ok(Ok(_)) => return Err(Status::invalid_argument("the first message must be Hello")),
+            Ok(Err(s)) => return Err(s),
+            Err(_) => return Err(Status::deadline_exceeded("no Hello within 10s")),
+        };
+        let pinned = hello.pinned_gitlab_url.trim_end_matches('/');
+        if !pinned.is_empty() && pinned != conn.gitlab_url.as_str().trim_end_matches('/') {
+            warn!(connection = %conn.id, instance = %hello.instance, "agent refused: pinned to another GitLab URL");
+            return Err(Status::failed_precondition(format!(
+                "this agent is pinned to {pinned} but connection {} uses {}",
+                conn.id, conn.gitlab_url
+            )));
+        }
+        let t = &self.state.config.tunnel;
+        let agent_flow = FlowSettings {
+            window_bytes: hello.window_bytes,
+            ..FlowSettings::default()
+        };
+        agent_flow
+            .validate()
+            .map_err(|e| Status::invalid_argument(format!("unusable window: {e}")))?;
+        let settings = SessionSettings {
+            flow: t.flow,
+            agent_flow,
+            heartbeat_interval: t.heartbeat_interval,
+            heartbeat_timeout: t.heartbeat_timeout,
+            max_age: t.max_connection_age,
+        };
+        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let control = Control::new();
+        let welcome = BrokerMessage {
+            msg: Some(Out::Welcome(Welcome {
+                connection_id: conn.id.clone(),
+                gitlab_url: conn.gitlab_url.to_string(),
+                window_bytes: t.flow.window_bytes,
+                min_frame_cost: t.flow.min_frame_cost,
+                max_chunk_bytes: t.flow.max_chunk_bytes,
+                heartbeat_interval_ms: t.heartbeat_interval.as_millis() as u32,
+                heartbeat_timeout_ms: t.heartbeat_timeout.as_millis() as u32,
+            })),
+        };
+        tx.try_send(welcome)
+            .map_err(|_| Status::internal("cannot queue Welcome"))?;
+        let closed = self.state.shutdown_children.child_token();
+        let session = AgentSession::new(
+            conn.id.clone(),
+            hello.instance.clone(),
+            hello.version.clone(),
+            hello.holds_token,
+            settings,
+            tx,
+            control.clone(),
+            closed.clone(),
+        );
+        self.state.registry.add(session.clone());
+        info!(
+            connection = %conn.id,
+            instance = %hello.instance,
+            version = %hello.version,
+            holds_token = hello.holds_token,
+            peer = %peer,
+            "agent connected"
+        );
+        let span = tracing::info_span!("agent", connection = %conn.id, instance = %hello.instance);
+        tokio::spawn(
+            session
+                .run(inbound, self.state.registry.clone())
+                .in_current_span()
+                .instrument(span),
+        );
+        let out = Outbound::new(control, rx, control_to_msg)
+            .take_until(cancelled(closed))
+            .map(Ok);
+        Ok(Response::new(Box::pin(out)))
+    }
+}
+
+async fn cancelled(t: CancellationToken) {
+    t.cancelled().await
+}

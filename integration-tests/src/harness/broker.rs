@@ -1,0 +1,203 @@
+//! The broker started for a test: a TOML file in a temporary directory,
+//! ephemeral ports read back from its `listening` log lines.
+
+use super::process::Proc;
+use super::{bin, WAIT};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use tokio::process::Command;
+
+/// A connection of the test configuration.
+#[derive(Debug, Clone)]
+pub struct ConnSpec {
+    /// Id.
+    pub id: String,
+    /// "agent" or "direct".
+    pub mode: String,
+    /// GitLab base URL.
+    pub gitlab_url: String,
+    /// Token, if any.
+    pub token: Option<String>,
+    /// The accessKey (its hash goes in the file).
+    pub access_key: Option<String>,
+}
+
+impl ConnSpec {
+    /// An agent-mode connection.
+    pub fn agent(id: &str, gitlab_url: &str, access_key: &str) -> Self {
+        ConnSpec {
+            id: id.into(),
+            mode: "agent".into(),
+            gitlab_url: gitlab_url.into(),
+            token: None,
+            access_key: Some(access_key.into()),
+        }
+    }
+
+    /// A direct-mode connection.
+    pub fn direct(id: &str, gitlab_url: &str) -> Self {
+        ConnSpec {
+            id: id.into(),
+            mode: "direct".into(),
+            gitlab_url: gitlab_url.into(),
+            token: None,
+            access_key: None,
+        }
+    }
+
+    /// With a token.
+    pub fn token(mut self, t: &str) -> Self {
+        self.token = Some(t.into());
+        self
+    }
+}
+
+/// Everything a broker needs.
+#[derive(Debug, Clone, Default)]
+pub struct BrokerSpec {
+    /// Connections.
+    pub connections: Vec<ConnSpec>,
+    /// API keys (plain; hashes go in the file).
+    pub api_keys: Vec<String>,
+    /// Extra command-line arguments.
+    pub args: Vec<String>,
+}
+
+/// A running broker.
+pub struct Broker {
+    /// The process.
+    pub proc: Proc,
+    /// Agent listener.
+    pub agent_addr: SocketAddr,
+    /// API listener.
+    pub api_addr: SocketAddr,
+    spec: BrokerSpec,
+    dir: tempfile::TempDir,
+    starts: usize,
+}
+
+fn toml_for(spec: &BrokerSpec) -> String {
+    let mut s = String::new();
+    if !spec.api_keys.is_empty() {
+        let hashes: Vec<String> = spec
+            .api_keys
+            .iter()
+            .map(|k| format!("\"{}\"", gitproxy_shared::secret::sha256_hex(k.as_bytes())))
+            .collect();
+        s.push_str(&format!("api_keys_sha256 = [{}]\n", hashes.join(", ")));
+    }
+    for c in &spec.connections {
+        s.push_str(&format!(
+            "[[connection]]\nid = \"{}\"\nmode = \"{}\"\ngitlab_url = \"{}\"\n",
+            c.id, c.mode, c.gitlab_url
+        ));
+        if let Some(t) = &c.token {
+            s.push_str(&format!("token = \"{t}\"\n"));
+        }
+        if let Some(k) = &c.access_key {
+            s.push_str(&format!(
+                "access_key_sha256 = \"{}\"\n",
+                gitproxy_shared::secret::sha256_hex(k.as_bytes())
+            ));
+        }
+    }
+    s
+}
+
+async fn spawn(
+    spec: &BrokerSpec,
+    dir: &std::path::Path,
+    agent: &str,
+    api: &str,
+    n: usize,
+) -> (SocketAddr, Proc, SocketAddr) {
+    let cfg = dir.join("broker.toml");
+    std::fs::write(&cfg, toml_for(spec)).expect("write broker.toml");
+    let mut cmd = Command::new(bin("gitproxy-broker"));
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--agent-listen")
+        .arg(agent)
+        .arg("--api-listen")
+        .arg(api)
+        .args(&spec.args)
+        .env("GITPROXY_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("HTTP_PROXY")
+        .env_remove("https_proxy")
+        .env_remove("http_proxy");
+    let proc = Proc::spawn(&format!("broker#{n}"), cmd);
+    let a = proc
+        .wait_for_nth(1, WAIT, |v| {
+            v["message"] == "listening" && v["listener"] == "agent"
+        })
+        .await;
+    let b = proc
+        .wait_for_nth(1, WAIT, |v| {
+            v["message"] == "listening" && v["listener"] == "api"
+        })
+        .await;
+    let parse = |v: &serde_json::Value| {
+        v["addr"]
+            .as_str()
+            .expect("addr")
+            .parse::<SocketAddr>()
+            .expect("addr")
+    };
+    (parse(&a), proc, parse(&b))
+}
+
+impl Broker {
+    /// Starts a broker on ephemeral ports.
+    pub async fn start(spec: BrokerSpec) -> Broker {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (agent_addr, proc, api_addr) =
+            spawn(&spec, dir.path(), "127.0.0.1:0", "127.0.0.1:0", 1).await;
+        Broker {
+            proc,
+            agent_addr,
+            api_addr,
+            spec,
+            dir,
+            starts: 1,
+        }
+    }
+
+    /// Kills the broker (SIGKILL) and starts it again on the same ports.
+    pub async fn restart(&mut self) {
+        self.proc.kill9().await;
+        self.starts += 1;
+        let (a, p, b) = spawn(
+            &self.spec,
+            self.dir.path(),
+            &self.agent_addr.to_string(),
+            &self.api_addr.to_string(),
+            self.starts,
+        )
+        .await;
+        assert_eq!((a, b), (self.agent_addr, self.api_addr));
+        self.proc = p;
+    }
+
+    /// `http://agent-listener` for agents.
+    pub fn agent_url(&self) -> String {
+        format!("http://{}", self.agent_addr)
+    }
+
+    /// Front-door base of a connection.
+    pub fn front(&self, conn: &str) -> String {
+        format!("http://{}/gitlab/{conn}", self.api_addr)
+    }
+
+    /// The API base.
+    pub fn api(&self) -> String {
+        format!("http://{}", self.api_addr)
+    }
+
+    /// The temporary directory of this broker.
+    pub fn dir(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+}

@@ -1,0 +1,269 @@
+//! An in-process upstream shaped like GitLab's API paths, for the tunnel
+//! mechanics tests: streamed pattern downloads, checked uploads, an endless
+//! stream that reports when its connection is dropped, and a request log.
+//!
+//! Endpoints (all under `/api/v4/`):
+//! - `GET  /api/v4/version` — small JSON.
+//! - `POST /api/v4/echo` — echoes the body and reports method and headers.
+//! - `GET  /api/v4/bytes?n=N&seed=S` — N pattern bytes, `Content-Length: N`.
+//! - `POST /api/v4/upload?seed=S` — reads the body; answers its length, CRC
+//!   and whether it matched the pattern.
+//! - `GET  /api/v4/endless` — streams until the client goes away, then
+//!   reports on [`Upstream::dropped`].
+//! - `GET  /api/v4/hold` — answers headers, then one chunk, then waits forever.
+
+use super::pattern::{Pattern, Verifier};
+use bytes::Bytes;
+use futures::StreamExt;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+type Body = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+/// A running upstream; stops when dropped.
+pub struct Upstream {
+    /// Its address.
+    pub addr: SocketAddr,
+    log: Arc<Mutex<Vec<(String, String, http::HeaderMap)>>>,
+    dropped_rx: tokio::sync::Mutex<mpsc::Receiver<Instant>>,
+    stop: CancellationToken,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+struct Shared {
+    log: Arc<Mutex<Vec<(String, String, http::HeaderMap)>>>,
+    dropped: mpsc::Sender<Instant>,
+}
+
+/// Sends the instant it is dropped.
+struct DropSignal(Option<mpsc::Sender<Instant>>);
+impl Drop for DropSignal {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.try_send(Instant::now());
+        }
+    }
+}
+
+fn query(req: &Request<Incoming>, key: &str) -> Option<String> {
+    req.uri().query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == key).then(|| v.to_string())
+    })
+}
+
+fn full(status: u16, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(body.into())
+            .map_err(|e: Infallible| match e {})
+            .boxed(),
+    );
+    *r.status_mut() = StatusCode::from_u16(status).unwrap();
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    r
+}
+
+async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_string();
+    shared.log.lock().unwrap().push((
+        req.method().to_string(),
+        req.uri()
+            .path_and_query()
+            .map(|p| p.to_string())
+            .unwrap_or_default(),
+        req.headers().clone(),
+    ));
+    let resp = match (req.method().as_str(), path.as_str()) {
+        ("GET", "/api/v4/version") => full(200, r#"{"version":"17.5.0","revision":"test"}"#),
+        ("POST", "/api/v4/echo") | ("PUT", "/api/v4/echo") => {
+            let method = req.method().to_string();
+            let ct = req
+                .headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            let body = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let mut r = full(200, body);
+            r.headers_mut()
+                .insert("x-echo-method", method.parse().unwrap());
+            if let Ok(v) = ct.parse() {
+                r.headers_mut().insert("x-echo-content-type", v);
+            }
+            r
+        }
+        ("GET", "/api/v4/bytes") => {
+            let n: u64 = query(&req, "n").and_then(|v| v.parse().ok()).unwrap_or(0);
+            let seed: u64 = query(&req, "seed")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1);
+            let mut p = Pattern::new(seed);
+            let mut left = n;
+            let stream = futures::stream::poll_fn(move |_| {
+                if left == 0 {
+                    return std::task::Poll::Ready(None);
+                }
+                let k = left.min(64 * 1024);
+                left -= k;
+                std::task::Poll::Ready(Some(Ok::<_, std::io::Error>(Frame::data(
+                    p.chunk(k as usize),
+                ))))
+            });
+            let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+            r.headers_mut().insert("content-length", n.into());
+            r.headers_mut()
+                .insert("content-type", "application/octet-stream".parse().unwrap());
+            r
+        }
+        ("POST", "/api/v4/upload") => {
+            let seed: u64 = query(&req, "seed")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1);
+            let mut v = Verifier::new(seed);
+            let mut ok = true;
+            let mut body = req.into_body();
+            let mut failed = None;
+            while let Some(f) = body.frame().await {
+                match f {
+                    Ok(f) => {
+                        if let Some(d) = f.data_ref() {
+                            ok &= v.feed(d);
+                        }
+                    }
+                    Err(e) => {
+                        failed = Some(e.to_string());
+                        break;
+                    }
+                }
+            }
+            let len = v.len;
+            let (tail_ok, crc) = v.finish();
+            full(
+                200,
+                serde_json::json!({"len": len, "crc": crc, "matches": ok && tail_ok, "error": failed}).to_string(),
+            )
+        }
+        ("GET", "/api/v4/endless") => {
+            let signal = DropSignal(Some(shared.dropped.clone()));
+            let mut p = Pattern::new(7);
+            let stream = futures::stream::unfold((signal, 0u64), move |(sig, i)| {
+                let chunk = p.chunk(16 * 1024);
+                async move {
+                    if i % 64 == 63 {
+                        tokio::task::yield_now().await;
+                    }
+                    Some((Ok::<_, std::io::Error>(Frame::data(chunk)), (sig, i + 1)))
+                }
+            });
+            Response::new(BodyExt::boxed(StreamBody::new(stream)))
+        }
+        ("GET", "/api/v4/hold") => {
+            let first = futures::stream::once(async {
+                Ok::<_, std::io::Error>(Frame::data(Bytes::from_static(b"first")))
+            });
+            let stream = first.chain(futures::stream::pending());
+            Response::new(BodyExt::boxed(StreamBody::new(stream)))
+        }
+        _ => full(404, r#"{"error":"404 Not Found"}"#),
+    };
+    Ok(resp)
+}
+
+impl Upstream {
+    /// Starts on an ephemeral port.
+    pub async fn start() -> Upstream {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel(16);
+        let shared = Arc::new(Shared {
+            log: log.clone(),
+            dropped: tx,
+        });
+        let stop = CancellationToken::new();
+        let stop2 = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = tokio::select! {
+                    _ = stop2.cancelled() => return,
+                    r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+                };
+                let _ = s.set_nodelay(true);
+                let shared = shared.clone();
+                let stop = stop2.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| handle(shared.clone(), req));
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let conn = builder.serve_connection(TokioIo::new(s), svc);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = stop.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Upstream {
+            addr,
+            log,
+            dropped_rx: tokio::sync::Mutex::new(rx),
+            stop,
+        }
+    }
+
+    /// Base URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Requests seen: (method, path and query).
+    pub fn requests(&self) -> Vec<(String, String)> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(m, p, _)| (m.clone(), p.clone()))
+            .collect()
+    }
+
+    /// Headers of the last request to `path_prefix`.
+    pub fn last_headers(&self, path_prefix: &str) -> Option<http::HeaderMap> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|(_, p, _)| p.starts_with(path_prefix))
+            .map(|(_, _, h)| h.clone())
+    }
+
+    /// Waits for the next "endless stream dropped" signal.
+    pub async fn dropped(&self, timeout: std::time::Duration) -> Option<Instant> {
+        let mut rx = self.dropped_rx.lock().await;
+        tokio::time::timeout(timeout, rx.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+}
