@@ -38,12 +38,14 @@ pub(crate) async fn serve(
     let id = head.id;
     let started = Instant::now();
     let mut tally = Tally::default();
-    let cancelled = tokio::select! {
+    tokio::select! {
         // Dropping `relay` drops the upstream request and its connection, so
         // GitLab sees the caller go away at once.
-        _ = cancel.cancelled() => true,
-        _ = relay(&shared, &head, body, &credit, &mut tally) => false,
-    };
+        _ = cancel.cancelled() => {}
+        _ = relay(&shared, &head, body, &credit, &mut tally) => {}
+    }
+    // A cancel also closes the credit, which can end `relay` first.
+    let cancelled = cancel.is_cancelled();
     shared.finish(id);
     let duration_ms = started.elapsed().as_millis() as u64;
     let path = head.path.split('?').next().unwrap_or("");

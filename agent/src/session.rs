@@ -427,8 +427,8 @@ fn upstream_for(ctx: &SessionContext, gitlab_url: &str) -> Result<Upstream, Sess
 struct Reader {
     shared: Arc<Shared>,
     session_cancel: CancellationToken,
-    /// Highest request id seen; ids only grow, so an id at or below it with
-    /// no entry is a late frame of a finished request, one above it is bogus.
+    /// Highest request id seen: a frame for an id at or below it with no
+    /// entry is a late frame of a finished request, one above it is bogus.
     last_id: u64,
 }
 
@@ -459,11 +459,13 @@ impl Reader {
 
     fn start(&mut self, h: RequestHead) {
         let id = h.id;
-        if id <= self.last_id {
+        // Ids are unique per stream but may arrive out of order (the broker
+        // allocates them before queueing), so only a live id is a reuse.
+        if id == 0 || self.shared.lock().contains_key(&id) {
             self.shared.protocol_error(id, "request id reused");
             return;
         }
-        self.last_id = id;
+        self.last_id = self.last_id.max(id);
         let path = h.path.split('?').next().unwrap_or("").to_string();
         if let Err(reason) = self.shared.cfg.policy.check(&h.method, &h.path) {
             warn!(request_id = id, method = %h.method, path = %truncate(&path), error = "blocked_by_policy", "refused by policy: {reason}");

@@ -129,7 +129,11 @@ pub async fn run(
         .add_service(reflection_v1())
         .add_service(reflection_v1alpha())
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listeners.agent),
+            // Our own listener, so tonic's tcp_nodelay does not apply: set it
+            // here, or small frames wait for delayed ACKs (~40 ms).
+            tonic::transport::server::TcpIncoming::from(listeners.agent)
+                .with_nodelay(Some(true))
+                .with_keepalive(Some(Duration::from_secs(60))),
             agent_stop.clone().cancelled_owned(),
         );
     let agent_task = tokio::spawn(agent_server);

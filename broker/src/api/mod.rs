@@ -38,6 +38,22 @@ pub fn router(
         .route("/gitlab/{*rest}", any(frontdoor::handle))
         .with_state(state)
         .merge(grpc)
+        .fallback(fallback)
+}
+
+/// Anything else: CONNECT (never tunnelled) is a policy refusal, the rest
+/// is not found.
+async fn fallback(req: http::Request<axum::body::Body>) -> http::Response<axum::body::Body> {
+    use gitproxy_shared::errors::{ErrorCode, GitproxyError};
+    let e = if req.method() == http::Method::CONNECT {
+        GitproxyError::new(ErrorCode::BlockedByPolicy, "CONNECT is never forwarded")
+    } else {
+        GitproxyError::new(
+            ErrorCode::UnknownConnection,
+            "no such endpoint: the front door is /gitlab/{connection}/{path}",
+        )
+    };
+    frontdoor::respond::error_response(&e)
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str) {

@@ -5,6 +5,8 @@
 //! the request's one log line when dropped, saying whether the body completed.
 //! [`SyncBody`] makes a caller's request body `Sync` for the HTTP client.
 
+use crate::state::InFlightGuard;
+use crate::tunnel::session::RequestGuard;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use std::pin::Pin;
@@ -47,14 +49,22 @@ pub struct Logged<B> {
     expected: Option<u64>,
     complete: bool,
     error: Option<String>,
-    _guards: Box<dyn Send + Sync>,
+    guards: Guards,
+}
+
+/// What a response body keeps alive until it is done.
+pub struct Guards {
+    /// The tunnel request (agent mode).
+    pub request: Option<RequestGuard>,
+    /// The connection's in-flight slot.
+    pub slot: InFlightGuard,
 }
 
 impl<B: Body> Logged<B> {
     /// Wraps `inner`; `guards` are dropped with the body. A body with a
     /// known length counts as complete once that many bytes went out (the
     /// server stops polling then).
-    pub fn new(inner: B, log: RequestLog, guards: Box<dyn Send + Sync>) -> Self {
+    pub fn new(inner: B, log: RequestLog, guards: Guards) -> Self {
         let expected = inner.size_hint().exact();
         Logged {
             inner,
@@ -63,7 +73,7 @@ impl<B: Body> Logged<B> {
             expected,
             complete: false,
             error: None,
-            _guards: guards,
+            guards,
         }
     }
 }
@@ -116,6 +126,9 @@ impl<B> Drop for Logged<B> {
         let duration_ms = l.started.elapsed().as_millis() as u64;
         let bytes_in = l.bytes_in.load(Ordering::Relaxed);
         if self.complete || self.expected == Some(self.bytes_out) {
+            if let Some(g) = self.guards.request.as_mut() {
+                g.mark_complete();
+            }
             info!(connection = %l.connection, request_id = l.request_id, mode = l.mode, agent = %l.agent, method = %l.method, path = %l.path, status = l.status, bytes_in, bytes_out = self.bytes_out, duration_ms, "request");
         } else {
             let why = self.error.as_deref().unwrap_or("the caller went away");

@@ -1,7 +1,7 @@
 //! Delivery of a front-door request, through the connection's agent or
 //! directly, streaming both ways, and the answer rebuilt for the caller.
 
-use super::body::{Logged, RequestLog, SyncBody};
+use super::body::{Guards, Logged, RequestLog, SyncBody};
 use super::credentials;
 use super::rewrite::Rewriter;
 use super::target::Target;
@@ -87,7 +87,7 @@ fn respond<B>(
     hdrs: HeaderMap,
     body: B,
     log: RequestLog,
-    guards: Box<dyn Send + Sync>,
+    guards: Guards,
 ) -> Response<Body>
 where
     B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
@@ -153,8 +153,16 @@ pub async fn via_agent(
         {
             Ok((a, g)) => break (a, (g, bytes_in), session.instance.clone()),
             // A request without body that never got an answer from a dying
-            // agent is safe to try once more on another agent.
-            Err(e) if e.error == ErrorCode::AgentDisconnected && retryable && attempt < 2 => {
+            // agent is safe to try once more on another agent, if any.
+            Err(e)
+                if e.error == ErrorCode::AgentDisconnected
+                    && retryable
+                    && attempt < 2
+                    && state
+                        .registry
+                        .pick(&conn.id)
+                        .is_some_and(|s| !Arc::ptr_eq(&s, &session)) =>
+            {
                 continue
             }
             Err(e) => return Err(e),
@@ -173,7 +181,10 @@ pub async fn via_agent(
         bytes_in,
         started,
     };
-    let guards: Box<dyn Send + Sync> = Box::new((guard, slot));
+    let guards = Guards {
+        request: Some(guard),
+        slot,
+    };
     Ok(match answer.body {
         Some(b) => respond(answer.status, hdrs, b, log, guards),
         None => respond(
@@ -252,6 +263,9 @@ pub async fn direct(
         hdrs,
         reqwest::Body::from(resp),
         log,
-        Box::new(slot),
+        Guards {
+            request: None,
+            slot,
+        },
     ))
 }

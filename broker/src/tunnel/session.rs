@@ -208,6 +208,7 @@ impl AgentSession {
             session: self.clone(),
             id,
             pump: self.closed.child_token(),
+            complete: false,
         };
         let msg = BrokerMessage {
             msg: Some(Out::RequestHead(head)),
@@ -524,9 +525,16 @@ pub struct RequestGuard {
     session: Arc<AgentSession>,
     id: u64,
     pump: CancellationToken,
+    complete: bool,
 }
 
 impl RequestGuard {
+    /// The caller received the whole response (its length was known, so the
+    /// server stopped reading before End arrived): do not cancel on drop.
+    pub fn mark_complete(&mut self) {
+        self.complete = true;
+    }
+
     /// The request id on the stream.
     pub fn id(&self) -> u64 {
         self.id
@@ -544,7 +552,7 @@ impl Drop for RequestGuard {
         let unfinished = self.session.lock().remove(&self.id);
         if let Some(p) = unfinished {
             p.credit.close();
-            if !self.session.is_closed() {
+            if !self.complete && !self.session.is_closed() {
                 self.session.control.cancel(self.id);
             }
         }

@@ -11,6 +11,7 @@
 //! - `GET  /api/v4/endless` — streams until the client goes away, then
 //!   reports on [`Upstream::dropped`].
 //! - `GET  /api/v4/hold` — answers headers, then one chunk, then waits forever.
+//! - `GET  /api/v4/stall` — never answers.
 
 use super::pattern::{Pattern, Verifier};
 use bytes::Bytes;
@@ -175,6 +176,10 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
                 }
             });
             Response::new(BodyExt::boxed(StreamBody::new(stream)))
+        }
+        ("GET", "/api/v4/stall") => {
+            futures::future::pending::<()>().await;
+            full(500, "")
         }
         ("GET", "/api/v4/hold") => {
             let first = futures::stream::once(async {
