@@ -148,7 +148,7 @@ async fn relay(
                     format!(
                         "GitLab cut the response after {} bytes: {}",
                         tally.bytes_out,
-                        gitproxy_shared::errors::Chain::new(&e).text()
+                        gitproxy_shared::errors::Chain::new(&e.without_url()).text()
                     ),
                 );
                 tally.error = Some(err.error);

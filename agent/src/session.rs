@@ -227,7 +227,11 @@ pub async fn run(ctx: SessionContext) -> Result<SessionEnd, SessionError> {
     tx.try_send(hello)
         .map_err(|_| SessionError::Handshake("cannot queue Hello".into()))?;
 
-    let mut req = tonic::Request::new(Outbound::new(control.clone(), rx, control_to_msg));
+    // Ending the call would reset the HTTP/2 stream and drop queued frames;
+    // a graceful end half-closes instead (see `finish`).
+    let half_close = CancellationToken::new();
+    let outbound = Outbound::new(control.clone(), rx, control_to_msg).closed_by(half_close.clone());
+    let mut req = tonic::Request::new(outbound);
     let mut auth =
         MetadataValue::try_from(format!("Bearer {}", cfg.access_key.expose())).map_err(|_| {
             SessionError::Handshake("the accessKey holds characters not allowed in a header".into())
@@ -320,11 +324,12 @@ pub async fn run(ctx: SessionContext) -> Result<SessionEnd, SessionError> {
         if let Some(d) = &drain {
             let successor_up = d.shutdown || *successor.borrow() > ctx.generation;
             if successor_up && shared.in_flight() == 0 {
-                return Ok(if d.shutdown {
+                let end = if d.shutdown {
                     SessionEnd::ShutDown
                 } else {
                     SessionEnd::Drained
-                });
+                };
+                return Ok(finish(&half_close, &mut inbound, end).await);
             }
         }
         let deadline = drain.as_ref().map(|d| d.deadline).unwrap_or(far_future);
@@ -367,10 +372,26 @@ pub async fn run(ctx: SessionContext) -> Result<SessionEnd, SessionError> {
             _ = successor.changed(), if drain.is_some() => {}
             _ = tokio::time::sleep_until(deadline), if drain.is_some() => {
                 warn!(abandoned = shared.in_flight(), "drain grace period over: abandoning in-flight requests");
-                return Ok(SessionEnd::ShutDown);
+                return Ok(finish(&half_close, &mut inbound, SessionEnd::ShutDown).await);
             }
         }
     }
+}
+
+/// Ends a session gracefully: every queued frame goes out, then the end of
+/// our half; the broker then closes its half. Bounded, so a silent broker
+/// cannot hold the agent.
+async fn finish(
+    half_close: &CancellationToken,
+    inbound: &mut tonic::Streaming<BrokerMessage>,
+    end: SessionEnd,
+) -> SessionEnd {
+    half_close.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Ok(Some(_)) = inbound.message().await {}
+    })
+    .await;
+    end
 }
 
 struct Drainage {

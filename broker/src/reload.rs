@@ -26,9 +26,9 @@ pub fn spawn(state: Arc<AppState>, shutdown: CancellationToken) {
                 _ = hup.recv() => {}
             }
             let base = path.parent().map(|p| p.to_path_buf());
-            match FileConfig::read(&path)
-                .and_then(|f| ConnectionSet::from_file(&f, base.as_deref()))
-            {
+            match FileConfig::read(&path).and_then(|f| {
+                ConnectionSet::from_file(&f, base.as_deref(), &state.config.extra_ca_pem)
+            }) {
                 Ok(set) => {
                     apply(&state, set);
                     info!(path = %path.display(), "configuration reloaded");

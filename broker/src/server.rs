@@ -42,27 +42,54 @@ impl Listeners {
     }
 }
 
-fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+/// The services a listener serves, for reflection.
+#[derive(Debug, Clone, Copy)]
+pub enum Listener {
+    /// Tunnel, health, reflection.
+    Agent,
+    /// Admin, health, reflection.
+    Api,
+}
+
+fn reflection_builder(l: Listener) -> tonic_reflection::server::Builder<'static> {
+    use tonic_reflection::pb::{v1, v1alpha};
+    let own = match l {
+        Listener::Agent => "gitproxy.v1.Tunnel",
+        Listener::Api => "gitproxy.v1.Admin",
+    };
+    // Explicit names: the descriptor set holds both gitproxy services, and
+    // each listener lists only what it serves (both reflection versions).
     tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(gitproxy_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(v1alpha::FILE_DESCRIPTOR_SET)
+        .include_reflection_service(false)
+        .with_service_name(own)
+        .with_service_name("grpc.health.v1.Health")
+        .with_service_name("grpc.reflection.v1.ServerReflection")
+        .with_service_name("grpc.reflection.v1alpha.ServerReflection")
 }
 
 /// Reflection, `grpc.reflection.v1`.
-pub fn reflection_v1() -> tonic_reflection::server::v1::ServerReflectionServer<
+pub fn reflection_v1(
+    l: Listener,
+) -> tonic_reflection::server::v1::ServerReflectionServer<
     impl tonic_reflection::server::v1::ServerReflection,
 > {
-    match reflection_builder().build_v1() {
+    match reflection_builder(l).build_v1() {
         Ok(s) => s,
         Err(e) => panic!("the embedded descriptor sets are invalid: {e}"),
     }
 }
 
 /// Reflection, `grpc.reflection.v1alpha` (what common grpcurl builds speak).
-pub fn reflection_v1alpha() -> tonic_reflection::server::v1alpha::ServerReflectionServer<
+pub fn reflection_v1alpha(
+    l: Listener,
+) -> tonic_reflection::server::v1alpha::ServerReflectionServer<
     impl tonic_reflection::server::v1alpha::ServerReflection,
 > {
-    match reflection_builder().build_v1alpha() {
+    match reflection_builder(l).build_v1alpha() {
         Ok(s) => s,
         Err(e) => panic!("the embedded descriptor sets are invalid: {e}"),
     }
@@ -126,8 +153,8 @@ pub async fn run(
     let agent_server = builder
         .add_service(tunnel)
         .add_service(agent_health_svc)
-        .add_service(reflection_v1())
-        .add_service(reflection_v1alpha())
+        .add_service(reflection_v1(Listener::Agent))
+        .add_service(reflection_v1alpha(Listener::Agent))
         .serve_with_incoming_shutdown(
             // Our own listener, so tonic's tcp_nodelay does not apply: set it
             // here, or small frames wait for delayed ACKs (~40 ms).
@@ -143,6 +170,22 @@ pub async fn run(
     let (api_health, api_health_svc) = tonic_health::server::health_reporter();
     api_health.set_serving::<gitproxy_proto::v1::admin_server::AdminServer<crate::api::admin::AdminService>>().await;
     let router = crate::api::router(state.clone(), api_health_svc);
+    // First step of the shutdown tree: readiness false, agents drained, new
+    // agent streams refused; the api listener then drains its requests.
+    tokio::spawn({
+        let (state, shutdown) = (state.clone(), shutdown.clone());
+        let (agent_health, api_health) = (agent_health.clone(), api_health.clone());
+        async move {
+            shutdown.cancelled().await;
+            state.begin_drain();
+            agent_health
+                .set_not_serving::<TunnelServer<TunnelService>>()
+                .await;
+            api_health
+                .set_not_serving::<gitproxy_proto::v1::admin_server::AdminServer<crate::api::admin::AdminService>>()
+                .await;
+        }
+    });
     info!(listener = "api", addr = %api_addr, tls = api_tls.is_some(), "listening");
     serve_api(listeners.api, router, api_tls, shutdown.clone(), grace).await;
 

@@ -189,12 +189,13 @@ async fn five_hundred_concurrent_requests() {
         .wait_for_nth(500, WAIT, |v| v["message"] == "request")
         .await;
     assert_eq!(agents[0].proc.count_message("request"), 500);
+    no_secrets(&broker, &agents);
 }
 
 /// Acceptance 3: a response nobody reads does not stall the others.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paused_reader_does_not_stall_other_requests() {
-    let (_up, broker, _agents) = setup(1).await;
+    let (_up, broker, agents) = setup(1).await;
     let c = client();
     let big = 256u64 << 20;
     let stalled = c
@@ -242,6 +243,7 @@ async fn paused_reader_does_not_stall_other_requests() {
         .expect("resumed body");
     assert_eq!(v.len, big);
     assert!(v.finish().0);
+    no_secrets(&broker, &agents);
 }
 
 /// Acceptance 4: a caller leaving mid-download aborts the upstream request
@@ -275,6 +277,7 @@ async fn caller_disconnect_aborts_upstream_within_a_second() {
         .proc
         .wait_for_message("request cancelled by the broker", WAIT)
         .await;
+    no_secrets(&broker, &agents);
 }
 
 /// Acceptance 5: the agent killed mid-response; restarted; the broker restarted.
@@ -499,6 +502,7 @@ async fn two_agents_share_and_survive_one_death() {
         .wait_for_nth(40, WAIT, |v| v["message"] == "request")
         .await;
     assert_eq!(served_by("agent-1"), a1 + 20);
+    no_secrets(&broker, &agents);
 }
 
 /// Sends raw bytes (so nothing normalises the request line) and returns the
@@ -621,4 +625,71 @@ async fn direct_mode_front_door() {
     let (len, ok) = download(&format!("{front}/api/v4/bytes?n={n}&seed=9"), 9).await;
     assert!(len == n && ok);
     broker.proc.assert_no_secrets(&[TOKEN]);
+}
+
+/// Drain: at max connection age the agent opens a new stream first, then
+/// finishes in-flight requests on the old one; no request is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_moves_to_a_new_stream_without_losing_requests() {
+    let up = Upstream::start().await;
+    let spec = BrokerSpec {
+        args: vec!["--max-connection-age".into(), "2s".into()],
+        ..BrokerSpec::default()
+    };
+    let (broker, agents) = setup_with(&up, 1, spec).await;
+    let c = client();
+    // A download in flight across the drain, left unread until after it.
+    let n = 64u64 << 20;
+    let r = c
+        .get(format!(
+            "{}/api/v4/bytes?n={n}&seed=11",
+            broker.front("acme")
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut long = r.bytes_stream();
+    let mut v = Verifier::new(11);
+    assert!(v.feed(&long.next().await.unwrap().unwrap()));
+    // Requests keep succeeding while the stream is replaced.
+    let second_stream = agents[0].wait_connected(2);
+    tokio::pin!(second_stream);
+    let mut sent = 0;
+    loop {
+        tokio::select! {
+            _ = &mut second_stream => break,
+            r = c.get(format!("{}/api/v4/version", broker.front("acme"))).send() => {
+                let r = r.unwrap();
+                assert_eq!(r.status(), 200, "request {sent} during the drain");
+                assert!(r.text().await.unwrap().contains("17.5.0"));
+                sent += 1;
+                assert!(sent < 1_000_000, "no drain happened");
+            }
+        }
+    }
+    broker
+        .proc
+        .wait_for_message("asking the agent to drain", WAIT)
+        .await;
+    for i in 0..20 {
+        let r = c
+            .get(format!("{}/api/v4/version", broker.front("acme")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "request {i} after the drain");
+        r.text().await.unwrap();
+    }
+    while let Some(chunk) = long.next().await {
+        assert!(v.feed(&chunk.expect("the in-flight download was cut by the drain")));
+    }
+    assert_eq!(v.len, n);
+    assert!(v.finish().0);
+    // The old stream ends once its work is done.
+    agents[0]
+        .proc
+        .wait_for_message("session ended: Drained", WAIT)
+        .await;
+    no_secrets(&broker, &agents);
 }

@@ -207,7 +207,9 @@ impl Upstream {
         let resp = req
             .send()
             .await
-            .map_err(|e| classify_upstream(&e, &self.route))?;
+            // reqwest's message names the URL, query and all, and queries
+            // may carry tokens (`private_token=`): drop it.
+            .map_err(|e| classify_upstream(&e.without_url(), &self.route))?;
         if let Some(proxy) = &self.route.proxy {
             if is_proxy_generated_failure(resp.status(), resp.headers()) {
                 return Err(proxy_error(

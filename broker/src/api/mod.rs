@@ -27,8 +27,10 @@ pub fn router(
     );
     let grpc = tonic::service::Routes::new(admin)
         .add_service(health)
-        .add_service(crate::server::reflection_v1())
-        .add_service(crate::server::reflection_v1alpha())
+        .add_service(crate::server::reflection_v1(crate::server::Listener::Api))
+        .add_service(crate::server::reflection_v1alpha(
+            crate::server::Listener::Api,
+        ))
         .into_axum_router();
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))

@@ -65,8 +65,9 @@ pub struct ServeArgs {
     /// How often the broker pings each agent.
     #[arg(long, env = "GITPROXY_HEARTBEAT_INTERVAL", default_value = "15s", value_parser = humantime::parse_duration)]
     pub heartbeat_interval: Duration,
-    /// Silence after which an agent (or the broker, for the agent) is dead.
-    #[arg(long, env = "GITPROXY_HEARTBEAT_TIMEOUT", default_value = "45s", value_parser = humantime::parse_duration)]
+    /// Silence after which an agent (or the broker, for the agent) is dead;
+    /// with the ping period this bounds detection (40s + 15s < 60s).
+    #[arg(long, env = "GITPROXY_HEARTBEAT_TIMEOUT", default_value = "40s", value_parser = humantime::parse_duration)]
     pub heartbeat_timeout: Duration,
     /// Agent streams older than this are asked to drain and reconnect (0s = never).
     #[arg(long, env = "GITPROXY_MAX_CONNECTION_AGE", default_value = "2h", value_parser = humantime::parse_duration)]
@@ -80,6 +81,13 @@ pub struct ServeArgs {
     /// How long in-flight requests may take to finish on shutdown.
     #[arg(long, env = "GITPROXY_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+    /// Extra path prefixes allowed besides the GitLab API and git smart HTTP
+    /// (must match the agents' GITPROXY_ALLOW_PATH_PREFIXES).
+    #[arg(long, env = "GITPROXY_ALLOW_PATH_PREFIXES", value_delimiter = ',')]
+    pub allow_path_prefix: Vec<String>,
+    /// PEM bundle of extra CAs trusted for direct-mode GitLabs.
+    #[arg(long, env = "GITPROXY_CA_CERT_FILE")]
+    pub ca_cert_file: Option<PathBuf>,
     /// Per-request receive window in bytes (memory bound per response body).
     #[arg(long, env = "GITPROXY_WINDOW_BYTES", default_value_t = gitproxy_shared::tunnel::FlowSettings::default().window_bytes, hide = true)]
     pub window_bytes: u32,

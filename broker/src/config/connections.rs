@@ -71,7 +71,11 @@ fn valid_sha256_hex(s: &str) -> bool {
 
 impl ConnectionSet {
     /// Validates the file's connections. `base_dir` resolves relative `token_file`s.
-    pub fn from_file(file: &FileConfig, base_dir: Option<&Path>) -> anyhow::Result<Self> {
+    pub fn from_file(
+        file: &FileConfig,
+        base_dir: Option<&Path>,
+        extra_ca_pem: &[u8],
+    ) -> anyhow::Result<Self> {
         let mut set = ConnectionSet::default();
         for (i, k) in file.api_keys_sha256.iter().enumerate() {
             let k = k.trim().to_ascii_lowercase();
@@ -81,7 +85,8 @@ impl ConnectionSet {
             set.api_keys_sha256.push(k);
         }
         for c in &file.connections {
-            let conn = build(c, base_dir).with_context(|| format!("connection {:?}", c.id))?;
+            let conn = build(c, base_dir, extra_ca_pem)
+                .with_context(|| format!("connection {:?}", c.id))?;
             if set.by_id.insert(conn.id.clone(), Arc::new(conn)).is_some() {
                 bail!("connection id {:?} appears twice", c.id);
             }
@@ -134,7 +139,11 @@ impl ConnectionSet {
     }
 }
 
-fn build(c: &FileConnection, base_dir: Option<&Path>) -> anyhow::Result<Connection> {
+fn build(
+    c: &FileConnection,
+    base_dir: Option<&Path>,
+    extra_ca_pem: &[u8],
+) -> anyhow::Result<Connection> {
     if !valid_id(&c.id) {
         bail!("id must match [a-z0-9-]{{1,63}}");
     }
@@ -181,7 +190,7 @@ fn build(c: &FileConnection, base_dir: Option<&Path>) -> anyhow::Result<Connecti
         Mode::Direct => Some(
             Upstream::new(UpstreamConfig {
                 base_url: gitlab_url.clone(),
-                extra_ca_pem: Vec::new(),
+                extra_ca_pem: extra_ca_pem.to_vec(),
                 proxy: ProxySettings::from_env(),
                 connect_timeout: Duration::from_secs(10),
             })
@@ -240,7 +249,7 @@ mod tests {
             api_keys_sha256: vec![sha256_hex(b"api")],
             ..FileConfig::default()
         };
-        let set = ConnectionSet::from_file(&file, None).unwrap();
+        let set = ConnectionSet::from_file(&file, None, b"").unwrap();
         assert_eq!(set.find_by_access_key("k1").unwrap().id, "acme");
         assert!(set.find_by_access_key("k2").is_none());
         assert!(set.api_key_ok(Some(b"api")));
@@ -259,12 +268,12 @@ mod tests {
                 connections: vec![c],
                 ..FileConfig::default()
             };
-            assert!(ConnectionSet::from_file(&file, None).is_err());
+            assert!(ConnectionSet::from_file(&file, None, b"").is_err());
         }
         let file = FileConfig {
             connections: vec![conn("a", "direct", None), conn("a", "direct", None)],
             ..FileConfig::default()
         };
-        assert!(ConnectionSet::from_file(&file, None).is_err());
+        assert!(ConnectionSet::from_file(&file, None, b"").is_err());
     }
 }

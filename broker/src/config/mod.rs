@@ -13,6 +13,7 @@ pub use cli::{Cli, Command, ServeArgs};
 pub use connections::{Connection, ConnectionSet, Mode};
 
 use anyhow::{bail, Context};
+use gitproxy_shared::policy::Policy;
 use gitproxy_shared::tunnel::FlowSettings;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -56,6 +57,10 @@ pub struct BrokerConfig {
     pub tunnel: TunnelSettings,
     /// How long in-flight requests may take on shutdown.
     pub shutdown_grace: Duration,
+    /// The broker's early policy check (the agent's holds regardless).
+    pub policy: Policy,
+    /// Extra CAs (PEM) for direct-mode GitLabs.
+    pub extra_ca_pem: Vec<u8>,
 }
 
 impl BrokerConfig {
@@ -93,7 +98,10 @@ impl BrokerConfig {
             .config
             .as_ref()
             .and_then(|p| p.parent().map(|d| d.to_path_buf()));
-        let connections = ConnectionSet::from_file(&file, base_dir.as_deref())?;
+        let extra_ca_pem = gitproxy_shared::tls::extra_ca_pem(a.ca_cert_file.as_deref(), None)?;
+        let connections = ConnectionSet::from_file(&file, base_dir.as_deref(), &extra_ca_pem)?;
+        let policy =
+            Policy::with_extra_prefixes(a.allow_path_prefix.clone()).map_err(anyhow::Error::msg)?;
         if !api_listen.ip().is_loopback() && connections.api_keys_empty() {
             bail!(
                 "the api listener {api_listen} is not on loopback and no API key is configured: add api_keys_sha256 to the config file (gitproxy-broker keygen makes one), or bind it to 127.0.0.1"
@@ -124,6 +132,8 @@ impl BrokerConfig {
                 flow,
             },
             shutdown_grace: a.shutdown_grace,
+            policy,
+            extra_ca_pem,
         })
     }
 }

@@ -263,6 +263,17 @@ impl Upstream {
             .map(|(_, _, h)| h.clone())
     }
 
+    /// Headers of every request to `path_prefix`, oldest first.
+    pub fn all_headers(&self, path_prefix: &str) -> Vec<http::HeaderMap> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, p, _)| p.starts_with(path_prefix))
+            .map(|(_, _, h)| h.clone())
+            .collect()
+    }
+
     /// Waits for the next "endless stream dropped" signal.
     pub async fn dropped(&self, timeout: std::time::Duration) -> Option<Instant> {
         let mut rx = self.dropped_rx.lock().await;

@@ -12,10 +12,12 @@
 use futures::task::AtomicWaker;
 use futures::Stream;
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tokio::sync::mpsc;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 /// A control frame waiting to be sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,11 +118,14 @@ impl Control {
 }
 
 /// The stream handed to the gRPC library: control frames first, then data.
-/// It ends when every data sender is dropped.
+/// It ends when every data sender is dropped, or once `close` is cancelled
+/// and everything queued before has been sent (a graceful half-close: the
+/// peer receives every frame, then the end of the stream).
 pub struct Outbound<M> {
     control: Arc<Control>,
     data: mpsc::Receiver<M>,
     to_msg: fn(ControlFrame) -> M,
+    close: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
 }
 
 impl<M> Outbound<M> {
@@ -134,7 +139,14 @@ impl<M> Outbound<M> {
             control,
             data,
             to_msg,
+            close: None,
         }
+    }
+
+    /// Ends the stream, after flushing what is queued, once `token` is cancelled.
+    pub fn closed_by(mut self, token: CancellationToken) -> Self {
+        self.close = Some(Box::pin(token.cancelled_owned()));
+        self
     }
 }
 
@@ -148,7 +160,14 @@ impl<M> Stream for Outbound<M> {
         if let Some(frame) = this.control.take() {
             return Poll::Ready(Some((this.to_msg)(frame)));
         }
-        this.data.poll_recv(cx)
+        match this.data.poll_recv(cx) {
+            Poll::Pending => match this.close.as_mut().map(|c| c.as_mut().poll(cx)) {
+                // Nothing queued and asked to close: end of stream.
+                Some(Poll::Ready(())) => Poll::Ready(None),
+                _ => Poll::Pending,
+            },
+            ready => ready,
+        }
     }
 }
 
@@ -173,6 +192,20 @@ mod tests {
         control.cancel(8);
         assert_eq!(out.next().await.unwrap(), "Cancel(8)");
         drop(tx);
+        assert_eq!(out.next().await, None);
+    }
+
+    #[tokio::test]
+    async fn close_flushes_then_ends() {
+        let control = Control::new();
+        let (tx, rx) = mpsc::channel::<String>(4);
+        let close = CancellationToken::new();
+        let mut out = Outbound::new(control, rx, |f| format!("{f:?}")).closed_by(close.clone());
+        tx.send("a".into()).await.unwrap();
+        tx.send("b".into()).await.unwrap();
+        close.cancel();
+        assert_eq!(out.next().await.unwrap(), "a");
+        assert_eq!(out.next().await.unwrap(), "b");
         assert_eq!(out.next().await, None);
     }
 
