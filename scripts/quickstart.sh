@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # THE main-job command of gitproxy: builds the release binaries, starts a
 # simulated GitLab, a broker and an on-premise agent on loopback, and shows
-# real GitLab traffic (REST with curl and python-gitlab, a real git clone)
-# flowing through the broker's front door and the agent's tunnel, plus the
-# same through a direct-mode connection.
+# real GitLab traffic (REST with curl and python-gitlab, a real git clone, a
+# remediation merge request and a git push) flowing through the broker's front
+# door and the agent's tunnel, plus the same through a direct-mode connection.
 #
 #   scripts/quickstart.sh          # run the demo, then stop everything
 #   scripts/quickstart.sh --keep   # leave the three programs running until Ctrl-C
@@ -171,6 +171,31 @@ log "\$ git clone $API/gitlab/acme/demo-group/webapp.git"
 GIT_TERMINAL_PROMPT=0 git -c credential.helper= clone -q \
     "$API/gitlab/acme/demo-group/webapp.git" "$WORK/webapp"
 log "cloned: $(git -C "$WORK/webapp" log --oneline -1) [$(git -C "$WORK/webapp" ls-files | tr '\n' ' ')]"
+
+section "remediation through the tunnel: python-gitlab commits a lodash bump on a new branch and opens an MR"
+GITLAB_TOKEN="$GITLAB_TOKEN" python3 integration-tests/python/remediate.py \
+    "$API/gitlab/acme" demo-group/webapp fix/bump-lodash lodash 4.17.21 >"$WORK/remediate.json"
+python3 - "$WORK/remediate.json" <<'PY'
+import json
+import sys
+
+r = json.load(open(sys.argv[1]))
+print(f"    commit {r['commit_id'][:8]} on fix/bump-lodash: {r['commit_title']}")
+print(f"    merge request !{r['mr_iid']} ({r['mr_state']}): {r['mr_web_url']}")
+d = r["duplicate"]
+print(f"    the same merge request again: {d['status']} {d['body']}" if d else "    the same merge request again: no error?!")
+PY
+
+section "git push of a new branch through the tunnel (no credentials: the broker injects the token)"
+printf '\nEdited through gitproxy.\n' >>"$WORK/webapp/README.md"
+git -C "$WORK/webapp" checkout -q -b docs/through-gitproxy
+git -C "$WORK/webapp" -c user.name="Quickstart" -c user.email="quickstart@example.com" \
+    commit -q -am "Edit the README through gitproxy"
+log "\$ git push origin docs/through-gitproxy"
+GIT_TERMINAL_PROMPT=0 git -C "$WORK/webapp" -c credential.helper= push -q origin docs/through-gitproxy
+branches=$(curl -fsS "$API/gitlab/acme/api/v4/projects/demo-group%2Fwebapp/repository/branches" |
+    python3 -c 'import json, sys; print(", ".join(b["name"] for b in json.load(sys.stdin)))')
+log "branches of demo-group/webapp in GitLab: $branches"
 
 section "the same REST call through the direct-mode connection"
 log "\$ curl $API/gitlab/acme-direct/api/v4/version"

@@ -20,6 +20,8 @@ pub struct ConnSpec {
     pub token: Option<String>,
     /// The accessKey (its hash goes in the file).
     pub access_key: Option<String>,
+    /// The URL GitLab calls itself, when it differs from `gitlab_url`.
+    pub external_url: Option<String>,
 }
 
 impl ConnSpec {
@@ -31,6 +33,7 @@ impl ConnSpec {
             gitlab_url: gitlab_url.into(),
             token: None,
             access_key: Some(access_key.into()),
+            external_url: None,
         }
     }
 
@@ -42,12 +45,19 @@ impl ConnSpec {
             gitlab_url: gitlab_url.into(),
             token: None,
             access_key: None,
+            external_url: None,
         }
     }
 
     /// With a token.
     pub fn token(mut self, t: &str) -> Self {
         self.token = Some(t.into());
+        self
+    }
+
+    /// With GitLab's external URL (what it writes into `Link`/`Location`).
+    pub fn external_url(mut self, u: &str) -> Self {
+        self.external_url = Some(u.into());
         self
     }
 }
@@ -93,6 +103,9 @@ fn toml_for(spec: &BrokerSpec) -> String {
         ));
         if let Some(t) = &c.token {
             s.push_str(&format!("token = \"{t}\"\n"));
+        }
+        if let Some(u) = &c.external_url {
+            s.push_str(&format!("external_url = \"{u}\"\n"));
         }
         if let Some(k) = &c.access_key {
             s.push_str(&format!(
