@@ -34,6 +34,8 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Exit 0 when the running agent is connected to the broker (for exec probes).
     Health(HealthArgs),
+    /// Diagnose the setup step by step (broker, TLS, accessKey, GitLab, token); exit 0 when all pass.
+    Check(Box<RunArgs>),
 }
 
 /// Settings of `run`; each flag also reads its environment variable.
@@ -95,6 +97,10 @@ pub struct RunArgs {
     /// Limit on connecting to the broker and to GitLab.
     #[arg(long, env = "GITPROXY_CONNECT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
+    /// Static host overrides `host=ip` (like curl's --resolve), for names the
+    /// agent's DNS cannot resolve; applies to the broker and GitLab.
+    #[arg(long, env = "GITPROXY_RESOLVE", value_delimiter = ',')]
+    pub resolve: Vec<String>,
     /// Per-request receive window in bytes (memory bound per request body).
     #[arg(long, env = "GITPROXY_WINDOW_BYTES", default_value_t = FlowSettings::default().window_bytes, hide = true)]
     pub window_bytes: u32,
@@ -157,6 +163,8 @@ pub struct AgentConfig {
     pub connect_timeout: Duration,
     /// Flow control of request bodies received.
     pub flow: FlowSettings,
+    /// Static host overrides.
+    pub resolve: Vec<(String, std::net::IpAddr)>,
 }
 
 fn secret_from(
@@ -235,6 +243,20 @@ impl AgentConfig {
             ..FlowSettings::default()
         };
         flow.validate().map_err(anyhow::Error::msg)?;
+        let resolve = a
+            .resolve
+            .iter()
+            .filter(|r| !r.trim().is_empty())
+            .map(|r| {
+                let (h, ip) = r.split_once('=').with_context(|| {
+                    format!("GITPROXY_RESOLVE entry {r:?} must look like host=ip")
+                })?;
+                let ip = ip.trim().parse().with_context(|| {
+                    format!("GITPROXY_RESOLVE entry {r:?}: {ip:?} is not an IP address")
+                })?;
+                Ok((h.trim().to_ascii_lowercase(), ip))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let instance = a
             .instance
             .or_else(|| std::env::var("HOSTNAME").ok())
@@ -253,6 +275,7 @@ impl AgentConfig {
             shutdown_grace: a.shutdown_grace,
             connect_timeout: a.connect_timeout,
             flow,
+            resolve,
         })
     }
 }

@@ -72,16 +72,42 @@ impl DialError {
     }
 }
 
-/// Dials the broker and returns a stream ready for HTTP/2.
-pub async fn dial(cfg: &AgentConfig) -> Result<Box<dyn Io>, DialError> {
+/// The broker's `host:port` and host name.
+fn broker_target(cfg: &AgentConfig) -> (String, u16) {
     let url = &cfg.broker_url;
-    let host = url.host_str().unwrap_or_default().to_string();
-    let port = url.port_or_known_default().unwrap_or(443);
+    let host = url
+        .host_str()
+        .unwrap_or_default()
+        .trim_matches(['[', ']'])
+        .to_string();
+    (host, url.port_or_known_default().unwrap_or(443))
+}
+
+/// How the TCP connection to the broker was made, for `check`.
+pub fn describe_route(cfg: &AgentConfig) -> String {
+    match cfg.proxy.proxy_for(&cfg.broker_url) {
+        Some(p) => format!("through proxy {} (CONNECT)", p.display()),
+        None => "direct".to_string(),
+    }
+}
+
+/// Opens the TCP connection to the broker: directly, or through the
+/// corporate proxy with `CONNECT` unless `NO_PROXY` matches the broker.
+pub async fn dial_tcp(cfg: &AgentConfig) -> Result<Box<dyn Io>, DialError> {
+    let (host, port) = broker_target(cfg);
     let addr = format!("{host}:{port}");
-    let connect = async {
-        let tcp: Box<dyn Io> = match cfg.proxy.proxy_for(url) {
+    let fut = async {
+        match cfg.proxy.proxy_for(&cfg.broker_url) {
             None => {
-                let s = TcpStream::connect(&addr)
+                let target = match cfg
+                    .resolve
+                    .iter()
+                    .find(|(h, _)| h.eq_ignore_ascii_case(&host))
+                {
+                    Some((_, ip)) => std::net::SocketAddr::new(*ip, port).to_string(),
+                    None => addr.clone(),
+                };
+                let s = TcpStream::connect(&target)
                     .await
                     .map_err(|e| DialError::Unreachable {
                         addr: addr.clone(),
@@ -89,7 +115,7 @@ pub async fn dial(cfg: &AgentConfig) -> Result<Box<dyn Io>, DialError> {
                         detail: e.to_string(),
                     })?;
                 let _ = s.set_nodelay(true);
-                Box::new(s)
+                Ok(Box::new(s) as Box<dyn Io>)
             }
             Some(choice) => {
                 let mut http = HttpConnector::new();
@@ -118,12 +144,21 @@ pub async fn dial(cfg: &AgentConfig) -> Result<Box<dyn Io>, DialError> {
                         }
                     }
                 })?;
-                Box::new(TokioIo::new(io))
+                Ok(Box::new(TokioIo::new(io)) as Box<dyn Io>)
             }
-        };
-        if url.scheme() != "https" {
-            return Ok(tcp);
         }
+    };
+    timed(cfg, &addr, fut).await
+}
+
+/// Runs the TLS handshake with the broker when its URL is `https://`.
+pub async fn tls(cfg: &AgentConfig, tcp: Box<dyn Io>) -> Result<Box<dyn Io>, DialError> {
+    if cfg.broker_url.scheme() != "https" {
+        return Ok(tcp);
+    }
+    let (host, port) = broker_target(cfg);
+    let addr = format!("{host}:{port}");
+    let fut = async {
         let tls = gitproxy_shared::tls::client_config(&cfg.extra_ca_pem, &[b"h2"])
             .map_err(|e| DialError::Other(e.to_string()))?;
         let name =
@@ -151,14 +186,28 @@ pub async fn dial(cfg: &AgentConfig) -> Result<Box<dyn Io>, DialError> {
             })?;
         Ok(Box::new(stream) as Box<dyn Io>)
     };
-    match tokio::time::timeout(cfg.connect_timeout, connect).await {
+    timed(cfg, &addr, fut).await
+}
+
+async fn timed<T>(
+    cfg: &AgentConfig,
+    addr: &str,
+    fut: impl std::future::Future<Output = Result<T, DialError>>,
+) -> Result<T, DialError> {
+    match tokio::time::timeout(cfg.connect_timeout, fut).await {
         Ok(r) => r,
         Err(_) => Err(DialError::Unreachable {
-            addr,
+            addr: addr.to_string(),
             via: String::new(),
             detail: format!("timed out after {:?}", cfg.connect_timeout),
         }),
     }
+}
+
+/// Dials the broker and returns a stream ready for HTTP/2.
+pub async fn dial(cfg: &AgentConfig) -> Result<Box<dyn Io>, DialError> {
+    let tcp = dial_tcp(cfg).await?;
+    tls(cfg, tcp).await
 }
 
 /// Dials and wraps the stream in a tonic client. HTTP/2 windows are sized so
@@ -166,6 +215,11 @@ pub async fn dial(cfg: &AgentConfig) -> Result<Box<dyn Io>, DialError> {
 /// credit, not HTTP/2, separates requests on the stream).
 pub async fn connect(cfg: &AgentConfig) -> Result<TunnelClient<Channel>, DialError> {
     let io = dial(cfg).await?;
+    over(io).await
+}
+
+/// Speaks HTTP/2 over an established stream to the broker.
+pub async fn over(io: Box<dyn Io>) -> Result<TunnelClient<Channel>, DialError> {
     let slot = Arc::new(std::sync::Mutex::new(Some(io)));
     let connector = tower::service_fn(move |_: http::Uri| {
         let slot = slot.clone();

@@ -12,9 +12,10 @@
 //! - [`supervisor`]: keeps one session up; reconnects with [`backoff`]; drains.
 //! - [`session`]: one tunnel stream: handshake, frame dispatch, heartbeats.
 //! - [`request`]: one request replayed against GitLab.
-//! - [`health`]: the state file.
+//! - [`health`]: the state file; [`check`]: step-by-step diagnostics.
 
 pub mod backoff;
+pub mod check;
 pub mod config;
 pub mod dial;
 pub mod health;
@@ -52,6 +53,26 @@ pub fn main_with(cli: Cli) -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Health(args) => health::probe(&args.state_file, args.max_age),
+        Command::Check(args) => {
+            // Diagnostics print to stdout; logs only on request.
+            if std::env::var_os("RUST_LOG").is_some() {
+                gitproxy_shared::logging::init(args.log_format);
+            }
+            let cfg = match config::AgentConfig::from_args(*args) {
+                Ok(c) => c,
+                Err(e) => {
+                    println!("FAIL  configuration          {e:#}");
+                    return ExitCode::from(64);
+                }
+            };
+            match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt.block_on(check::run(&cfg)),
+                Err(e) => {
+                    println!("FAIL  cannot start the runtime: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 

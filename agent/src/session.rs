@@ -89,6 +89,10 @@ pub enum SessionEvent {
     Connected {
         /// Session number.
         generation: u64,
+        /// The connection served.
+        connection: String,
+        /// The GitLab requests go to.
+        gitlab: String,
     },
     /// The broker asked this session to drain: open a successor now.
     DrainRequested {
@@ -289,16 +293,13 @@ pub async fn run(ctx: SessionContext) -> Result<SessionEnd, SessionError> {
         inflight: Mutex::new(HashMap::new()),
         idle: Notify::new(),
     });
-    info!(
-        connection = %welcome.connection_id,
-        gitlab = %welcome.gitlab_url,
-        generation = ctx.generation,
-        "connected to the broker"
-    );
+    // The supervisor publishes the health state, then logs the connection.
     let _ = ctx
         .events
         .send(SessionEvent::Connected {
             generation: ctx.generation,
+            connection: welcome.connection_id.clone(),
+            gitlab: welcome.gitlab_url.clone(),
         })
         .await;
 
@@ -430,12 +431,15 @@ fn upstream_for(ctx: &SessionContext, gitlab_url: &str) -> Result<Upstream, Sess
             return Ok(u.clone());
         }
     }
-    let u = Upstream::new(UpstreamConfig {
-        base_url: asked,
-        extra_ca_pem: ctx.cfg.extra_ca_pem.clone(),
-        proxy: ctx.cfg.proxy.clone(),
-        connect_timeout: ctx.cfg.connect_timeout,
-    })
+    let u = Upstream::with_resolve(
+        UpstreamConfig {
+            base_url: asked,
+            extra_ca_pem: ctx.cfg.extra_ca_pem.clone(),
+            proxy: ctx.cfg.proxy.clone(),
+            connect_timeout: ctx.cfg.connect_timeout,
+        },
+        &ctx.cfg.resolve,
+    )
     .map_err(|e| SessionError::Upstream(e.to_string()))?;
     if let Some(p) = &u.route().proxy {
         info!(proxy = %p, gitlab = %u.base(), "GitLab requests go through the proxy");

@@ -65,11 +65,12 @@ pub async fn run(cfg: Arc<AgentConfig>, shutdown: CancellationToken) {
                 }.instrument(span));
             }
             Some(ev) = events.recv() => match ev {
-                SessionEvent::Connected { generation: g } => {
+                SessionEvent::Connected { generation: g, connection, gitlab } => {
                     if Some(g) == current {
                         connected_at = Some(Instant::now());
                         let _ = gen_tx.send(g);
                         health::publish(&cfg.state_file, true, None);
+                        info!(connection = %connection, gitlab = %gitlab, generation = g, "connected to the broker");
                     }
                 }
                 SessionEvent::DrainRequested { generation: g } => {

@@ -131,6 +131,15 @@ pub struct Upstream {
 impl Upstream {
     /// Builds the client.
     pub fn new(cfg: UpstreamConfig) -> Result<Self, UpstreamBuildError> {
+        Upstream::with_resolve(cfg, &[])
+    }
+
+    /// Builds the client with static host overrides (`host` → `ip`, like
+    /// curl's `--resolve`), for split-horizon DNS the agent cannot query.
+    pub fn with_resolve(
+        cfg: UpstreamConfig,
+        resolve: &[(String, std::net::IpAddr)],
+    ) -> Result<Self, UpstreamBuildError> {
         let url = &cfg.base_url;
         if !matches!(url.scheme(), "http" | "https")
             || url.host_str().is_none()
@@ -154,6 +163,10 @@ impl Upstream {
             .connect_timeout(cfg.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(64);
+        for (host, ip) in resolve {
+            // reqwest takes the port from the URL.
+            builder = builder.resolve(host, std::net::SocketAddr::new(*ip, 0));
+        }
         let choice = cfg.proxy.proxy_for(url);
         let mut proxy_display = None;
         if let Some(choice) = &choice {

@@ -7,11 +7,15 @@
 //! - [`broker`] / [`agent`]: the two programs with test configuration.
 //! - [`upstream`]: a GitLab-shaped HTTP server for tunnel mechanics.
 //! - [`pattern`]: deterministic byte streams for byte-exact transfer checks.
+//! - [`pki`]: private CAs and certificates made at run time (rcgen).
+//! - [`proxy`]: a real tinyproxy as the corporate proxy.
 
 pub mod agent;
 pub mod broker;
 pub mod pattern;
+pub mod pki;
 pub mod process;
+pub mod proxy;
 pub mod upstream;
 
 use std::path::PathBuf;

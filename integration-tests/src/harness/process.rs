@@ -118,6 +118,36 @@ impl Proc {
         }
     }
 
+    /// Waits for the first raw line containing `needle`.
+    pub async fn wait_for_text(&self, needle: &str, timeout: Duration) -> String {
+        let mut rx = self.count.clone();
+        let fut = async {
+            loop {
+                if let Some(l) = self.lines().into_iter().find(|l| l.contains(needle)) {
+                    return l;
+                }
+                if rx.changed().await.is_err() {
+                    futures::future::pending::<()>().await;
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, fut).await {
+            Ok(l) => l,
+            Err(_) => panic!(
+                "{}: timed out after {timeout:?} waiting for {needle:?}; last lines:\n{}",
+                self.name,
+                self.lines()
+                    .iter()
+                    .rev()
+                    .take(30)
+                    .rev()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            ),
+        }
+    }
+
     /// Waits for the first JSON line whose `message` equals `msg`.
     pub async fn wait_for_message(&self, msg: &str, timeout: Duration) -> Value {
         self.wait_for_nth(1, timeout, |v| v["message"] == msg).await

@@ -1,0 +1,459 @@
+//! `gitproxy-agent check`: walks the path a request takes, one step at a
+//! time, and prints each step with ok / FAIL and the fix. Exit 0 only when
+//! every step passes (steps that do not apply are `skip`).
+//!
+//! Steps: broker reachable (through the proxy when one applies), broker TLS
+//! trusted, accessKey accepted, GitLab reachable, GitLab TLS trusted, and,
+//! when the agent holds a token: token valid, token scopes, projects found.
+
+use crate::config::AgentConfig;
+use crate::dial::{self, DialError};
+use crate::session::CAPABILITIES;
+use gitproxy_proto::v1::{
+    agent_message::Msg as Out, broker_message::Msg as In, AgentMessage, Hello,
+};
+use gitproxy_shared::errors::ErrorCode;
+use gitproxy_shared::tunnel::outbound::{Control, ControlFrame, Outbound};
+use gitproxy_shared::upstream::{Upstream, UpstreamConfig};
+use http::{HeaderMap, HeaderValue, Method};
+use std::process::ExitCode;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tonic::metadata::MetadataValue;
+
+/// Scopes gitproxy needs (API calls, clone, push).
+const NEEDED_SCOPES: [&str; 3] = ["api", "read_repository", "write_repository"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    Ok,
+    Fail,
+    Skip,
+}
+
+struct Report {
+    failed: bool,
+}
+
+impl Report {
+    fn line(&mut self, status: Status, step: &str, detail: &str, hint: &str) {
+        let tag = match status {
+            Status::Ok => "ok  ",
+            Status::Fail => "FAIL",
+            Status::Skip => "skip",
+        };
+        println!("{tag}  {step:<22} {detail}");
+        if status == Status::Fail {
+            self.failed = true;
+            if !hint.is_empty() {
+                println!("      hint: {hint}");
+            }
+        }
+    }
+
+    fn skip_rest(&mut self, steps: &[&str], why: &str) {
+        for s in steps {
+            self.line(Status::Skip, s, why, "");
+        }
+    }
+}
+
+const AFTER_BROKER: [&str; 4] = [
+    "accessKey accepted",
+    "GitLab reachable",
+    "GitLab TLS trusted",
+    "token valid",
+];
+
+/// Runs the checks; the process exit code.
+pub async fn run(cfg: &AgentConfig) -> ExitCode {
+    let mut r = Report { failed: false };
+    let broker = format!(
+        "{}:{}",
+        cfg.broker_url.host_str().unwrap_or_default(),
+        cfg.broker_url.port_or_known_default().unwrap_or(443)
+    );
+
+    // 1. TCP (and proxy CONNECT).
+    let tcp = match dial::dial_tcp(cfg).await {
+        Ok(io) => {
+            r.line(
+                Status::Ok,
+                "broker reachable",
+                &format!("{broker} ({})", dial::describe_route(cfg)),
+                "",
+            );
+            io
+        }
+        Err(e) => {
+            r.line(Status::Fail, "broker reachable", &e.to_string(), e.hint());
+            r.skip_rest(&["broker TLS trusted"], "broker not reachable");
+            r.skip_rest(&AFTER_BROKER, "broker not reachable");
+            return exit(r);
+        }
+    };
+    // 2. TLS.
+    let io = if cfg.broker_url.scheme() == "https" {
+        match dial::tls(cfg, tcp).await {
+            Ok(io) => {
+                r.line(
+                    Status::Ok,
+                    "broker TLS trusted",
+                    &format!("certificate of {broker} verified"),
+                    "",
+                );
+                io
+            }
+            Err(e) => {
+                r.line(Status::Fail, "broker TLS trusted", &e.to_string(), e.hint());
+                r.skip_rest(&AFTER_BROKER, "no TLS to the broker");
+                return exit(r);
+            }
+        }
+    } else {
+        r.line(
+            Status::Skip,
+            "broker TLS trusted",
+            "the broker URL is http:// (no TLS)",
+            "",
+        );
+        tcp
+    };
+    // 3. accessKey, via the real handshake.
+    let gitlab_url = match handshake(cfg, io).await {
+        Ok(url) => {
+            r.line(
+                Status::Ok,
+                "accessKey accepted",
+                &format!("connection serves GitLab at {url}"),
+                "",
+            );
+            url
+        }
+        Err((detail, hint)) => {
+            r.line(Status::Fail, "accessKey accepted", &detail, &hint);
+            r.skip_rest(&AFTER_BROKER[1..], "the broker did not accept this agent");
+            return exit(r);
+        }
+    };
+    // 4 and 5. GitLab, with the same client real requests use.
+    let upstream = match url::Url::parse(&gitlab_url)
+        .map_err(|e| e.to_string())
+        .and_then(|u| {
+            Upstream::with_resolve(
+                UpstreamConfig {
+                    base_url: u,
+                    extra_ca_pem: cfg.extra_ca_pem.clone(),
+                    proxy: cfg.proxy.clone(),
+                    connect_timeout: cfg.connect_timeout,
+                },
+                &cfg.resolve,
+            )
+            .map_err(|e| e.to_string())
+        }) {
+        Ok(u) => u,
+        Err(e) => {
+            r.line(
+                Status::Fail,
+                "GitLab reachable",
+                &e,
+                "Check the connection's GitLab URL.",
+            );
+            return exit(r);
+        }
+    };
+    let route = match &upstream.route().proxy {
+        Some(p) => format!("through proxy {p}"),
+        None => "direct".into(),
+    };
+    let tls_applies = gitlab_url.starts_with("https://");
+    let token = cfg.gitlab_token.as_ref();
+    let mut headers = HeaderMap::new();
+    if let Some(t) = token {
+        if let Ok(mut v) = HeaderValue::from_str(t.expose()) {
+            v.set_sensitive(true);
+            headers.insert("private-token", v);
+        }
+    }
+    let probe = upstream
+        .send(Method::GET, "/api/v4/version", headers.clone(), None)
+        .await;
+    match probe {
+        Ok(resp) => {
+            r.line(
+                Status::Ok,
+                "GitLab reachable",
+                &format!(
+                    "{} ({route}): HTTP {}",
+                    upstream.base(),
+                    resp.status().as_u16()
+                ),
+                "",
+            );
+            if tls_applies {
+                r.line(Status::Ok, "GitLab TLS trusted", "certificate verified", "");
+            } else {
+                r.line(
+                    Status::Skip,
+                    "GitLab TLS trusted",
+                    "GitLab URL is http:// (no TLS)",
+                    "",
+                );
+            }
+        }
+        Err(e) if e.error == ErrorCode::UpstreamTls => {
+            r.line(
+                Status::Ok,
+                "GitLab reachable",
+                &format!("{} ({route})", upstream.base()),
+                "",
+            );
+            r.line(Status::Fail, "GitLab TLS trusted", &e.message, &e.hint);
+            r.skip_rest(&["token valid"], "no TLS to GitLab");
+            return exit(r);
+        }
+        Err(e) => {
+            r.line(
+                Status::Fail,
+                "GitLab reachable",
+                &format!("{}: {}", e.error, e.message),
+                &e.hint,
+            );
+            r.skip_rest(
+                &["GitLab TLS trusted", "token valid"],
+                "GitLab not reachable",
+            );
+            return exit(r);
+        }
+    }
+    // 6. The agent's own token.
+    if token.is_none() {
+        r.line(
+            Status::Skip,
+            "token valid",
+            "the agent holds no GitLab token (the broker's is used)",
+            "",
+        );
+        return exit(r);
+    }
+    check_token(&mut r, &upstream, headers).await;
+    exit(r)
+}
+
+async fn check_token(r: &mut Report, upstream: &Upstream, headers: HeaderMap) {
+    let resp = upstream
+        .send(
+            Method::GET,
+            "/api/v4/personal_access_tokens/self",
+            headers.clone(),
+            None,
+        )
+        .await;
+    let (status, body) = match resp {
+        Ok(resp) => {
+            let status = resp.status().as_u16();
+            (status, resp.bytes().await.unwrap_or_default())
+        }
+        Err(e) => {
+            r.line(Status::Fail, "token valid", &e.message, &e.hint);
+            return;
+        }
+    };
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    if status == 401 {
+        let why = v["error_description"]
+            .as_str()
+            .or(v["message"].as_str())
+            .unwrap_or("401 Unauthorized");
+        let hint = if why.contains("expired") {
+            "The token has expired: create a new one and update GITPROXY_GITLAB_TOKEN (Helm gitproxy.gitlabToken)."
+        } else if why.contains("revoked") {
+            "The token was revoked: create a new one and update GITPROXY_GITLAB_TOKEN."
+        } else {
+            "GitLab does not know this token: check GITPROXY_GITLAB_TOKEN."
+        };
+        r.line(
+            Status::Fail,
+            "token valid",
+            &format!("GitLab answered 401: {why}"),
+            hint,
+        );
+        r.skip_rest(&["token scopes", "projects found"], "token not valid");
+        return;
+    }
+    if status != 200 {
+        r.line(
+            Status::Fail,
+            "token valid",
+            &format!("GitLab answered {status}"),
+            "Check GITPROXY_GITLAB_TOKEN.",
+        );
+        return;
+    }
+    r.line(
+        Status::Ok,
+        "token valid",
+        &format!(
+            "active, expires {}",
+            v["expires_at"].as_str().unwrap_or("never")
+        ),
+        "",
+    );
+    let scopes: Vec<&str> = v["scopes"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|s| s.as_str()).collect())
+        .unwrap_or_default();
+    let missing: Vec<&str> = NEEDED_SCOPES
+        .iter()
+        .copied()
+        .filter(|s| !scopes.contains(s))
+        .collect();
+    if missing.is_empty() {
+        r.line(Status::Ok, "token scopes", &scopes.join(", "), "");
+    } else {
+        r.line(
+            Status::Fail,
+            "token scopes",
+            &format!("missing {}", missing.join(", ")),
+            "Create a token with the scopes api, read_repository and write_repository.",
+        );
+    }
+    let projects = upstream
+        .send(
+            Method::GET,
+            "/api/v4/projects?membership=true&min_access_level=30&per_page=1&simple=true",
+            headers,
+            None,
+        )
+        .await;
+    match projects {
+        Ok(resp) if resp.status().is_success() => {
+            let total = resp
+                .headers()
+                .get("x-total")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let list: serde_json::Value =
+                serde_json::from_slice(&resp.bytes().await.unwrap_or_default()).unwrap_or_default();
+            if list.as_array().is_some_and(|a| !a.is_empty()) {
+                r.line(
+                    Status::Ok,
+                    "projects found",
+                    &format!(
+                        "{} with Developer role or above",
+                        total.unwrap_or_else(|| "at least 1".into())
+                    ),
+                    "",
+                );
+            } else {
+                r.line(
+                    Status::Fail,
+                    "projects found",
+                    "the token is a member of no project with Developer role or above",
+                    "Create the token at group level (a group access token), or add its user to the projects as Developer or above.",
+                );
+            }
+        }
+        Ok(resp) => r.line(
+            Status::Fail,
+            "projects found",
+            &format!("GitLab answered {}", resp.status().as_u16()),
+            "",
+        ),
+        Err(e) => r.line(Status::Fail, "projects found", &e.message, &e.hint),
+    }
+}
+
+/// Opens `Tunnel/Connect` over `io`, sends Hello and waits for Welcome;
+/// returns the connection's GitLab URL, or the failure and its fix.
+async fn handshake(cfg: &AgentConfig, io: Box<dyn dial::Io>) -> Result<String, (String, String)> {
+    let mut client = dial::over(io)
+        .await
+        .map_err(|e: DialError| (e.to_string(), e.hint().to_string()))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let hello = AgentMessage {
+        msg: Some(Out::Hello(Hello {
+            version: gitproxy_shared::VERSION.to_string(),
+            instance: format!("{}-check", cfg.instance),
+            capabilities: CAPABILITIES.iter().map(|s| s.to_string()).collect(),
+            pinned_gitlab_url: cfg
+                .gitlab_url
+                .as_ref()
+                .map(|u| u.to_string())
+                .unwrap_or_default(),
+            holds_token: cfg.gitlab_token.is_some(),
+            window_bytes: cfg.flow.window_bytes,
+        })),
+    };
+    let _ = tx.try_send(hello);
+    let close = CancellationToken::new();
+    let to_msg: fn(ControlFrame) -> AgentMessage = |_| AgentMessage { msg: None };
+    let mut req =
+        tonic::Request::new(Outbound::new(Control::new(), rx, to_msg).closed_by(close.clone()));
+    let mut auth =
+        MetadataValue::try_from(format!("Bearer {}", cfg.access_key.expose())).map_err(|_| {
+            (
+                "the accessKey holds characters not allowed in a header".to_string(),
+                String::new(),
+            )
+        })?;
+    auth.set_sensitive(true);
+    req.metadata_mut().insert("authorization", auth);
+    let wrong_key = || {
+        (
+            "the broker rejected the accessKey (UNAUTHENTICATED)".to_string(),
+            "Use the accessKey issued for this connection (Helm gitproxy.accessKey or GITPROXY_ACCESS_KEY); a rotated key invalidates the old one.".to_string(),
+        )
+    };
+    let mut inbound = match client.connect(req).await {
+        Ok(r) => r.into_inner(),
+        Err(s) if s.code() == tonic::Code::Unauthenticated => return Err(wrong_key()),
+        Err(s) => {
+            return Err((
+                format!("the broker refused the tunnel: {}", s.message()),
+                String::new(),
+            ))
+        }
+    };
+    let first = tokio::time::timeout(Duration::from_secs(15), inbound.message()).await;
+    close.cancel();
+    drop(tx);
+    match first {
+        Ok(Ok(Some(m))) => match m.msg {
+            Some(In::Welcome(w)) => {
+                if let Some(pin) = &cfg.gitlab_url {
+                    if pin.as_str().trim_end_matches('/') != w.gitlab_url.trim_end_matches('/') {
+                        return Err((
+                            format!("the broker asks for GitLab at {} but this agent is pinned to {pin}", w.gitlab_url),
+                            "Fix GITPROXY_GITLAB_URL (Helm gitproxy.gitlabUrl) or the connection's GitLab URL.".into(),
+                        ));
+                    }
+                }
+                Ok(w.gitlab_url)
+            }
+            _ => Err((
+                "the broker's first message was not Welcome".into(),
+                String::new(),
+            )),
+        },
+        Ok(Err(s)) if s.code() == tonic::Code::Unauthenticated => Err(wrong_key()),
+        Ok(Err(s)) => Err((
+            format!("the broker refused the tunnel: {}", s.message()),
+            String::new(),
+        )),
+        Ok(Ok(None)) => Err(("the broker closed the stream".into(), String::new())),
+        Err(_) => Err(("no answer from the broker within 15s".into(), String::new())),
+    }
+}
+
+fn exit(r: Report) -> ExitCode {
+    if r.failed {
+        println!(
+            "\nsome checks failed: fix the first FAIL above, then run `gitproxy-agent check` again"
+        );
+        ExitCode::FAILURE
+    } else {
+        println!("\nall checks passed");
+        ExitCode::SUCCESS
+    }
+}
