@@ -17,9 +17,11 @@ pub mod api;
 pub mod config;
 pub mod frontdoor;
 pub mod keygen;
+pub mod observe;
 pub mod reload;
 pub mod server;
 pub mod state;
+pub mod store;
 pub mod tunnel;
 
 use config::{BrokerConfig, Cli, Command};
@@ -46,6 +48,28 @@ pub fn main_with(cli: Cli) -> ExitCode {
             return ExitCode::from(64);
         }
     };
+    let store = match store::Store::open(cfg.data_dir.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("invalid data directory: {e:#}");
+            return ExitCode::from(64);
+        }
+    };
+    let connections = match config::ConnectionSet::from_sources(
+        &cfg.file,
+        cfg.base_dir.as_deref(),
+        &store.snapshot().connections,
+        &cfg.extra_ca_pem,
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("invalid configuration (config file merged with the API store): {e:#}");
+            return ExitCode::from(64);
+        }
+    };
+    if !store.persistent() {
+        tracing::warn!("no --data-dir: connections cannot be changed through the API, and merge-request tracking is kept in memory only");
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -59,10 +83,12 @@ pub fn main_with(cli: Cli) -> ExitCode {
         tokio::spawn(shutdown_on_signal(shutdown.clone()));
         tracing::info!(
             version = gitproxy_shared::VERSION,
-            connections = cfg.connections.all().len(),
+            connections = connections.all().len(),
+            data_dir = ?cfg.data_dir,
             "gitproxy-broker starting"
         );
-        server::run(cfg, listeners, shutdown).await
+        let state = state::AppState::new(cfg, store, connections);
+        server::run(state, listeners, shutdown).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -97,10 +97,11 @@ pub fn reflection_v1alpha(
 
 /// Runs the broker until `shutdown` is cancelled and the drain is over.
 pub async fn run(
-    cfg: BrokerConfig,
+    state: Arc<AppState>,
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let cfg = &state.config;
     let agent_addr = listeners.agent.local_addr()?;
     let api_addr = listeners.api.local_addr()?;
     let grace = cfg.shutdown_grace;
@@ -127,7 +128,6 @@ pub async fn run(
         .transpose()?
         .map(|c| tokio_rustls::TlsAcceptor::from(Arc::new(c)));
 
-    let state = AppState::new(cfg);
     crate::reload::spawn(state.clone(), shutdown.clone());
 
     // Agent listener.

@@ -1,7 +1,10 @@
 //! The broker's shared state: configuration, the live connection table
 //! (swapped whole on reload), the agent registry and the drain flag.
 
+use crate::config::file::FileConfig;
 use crate::config::{BrokerConfig, ConnectionSet};
+use crate::observe::Observer;
+use crate::store::Store;
 use crate::tunnel::Registry;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -19,20 +22,56 @@ pub struct AppState {
     /// Parent of every agent session's token: cancelling it ends all streams.
     pub shutdown_children: CancellationToken,
     in_flight: Mutex<HashMap<String, Arc<AtomicUsize>>>,
+    /// The API store (connections made through the API, tracked MRs).
+    pub store: Store,
+    /// Metrics and the WatchTunnel event feed.
+    pub observer: Arc<Observer>,
+    /// The config file as last read successfully.
+    file: Mutex<FileConfig>,
+    /// Serialises changes of the connection table (file reloads, API writes).
+    pub write_lock: tokio::sync::Mutex<()>,
+    /// Cancelled when shutdown begins (ends `WatchTunnel` streams, which
+    /// would otherwise hold the api listener's graceful drain).
+    pub drain_started: CancellationToken,
 }
 
 impl AppState {
-    /// State for `config`.
-    pub fn new(config: BrokerConfig) -> Arc<Self> {
-        let connections = RwLock::new(Arc::new(config.connections.clone()));
+    /// State for `config`, the opened store and the merged table.
+    pub fn new(config: BrokerConfig, store: Store, connections: ConnectionSet) -> Arc<Self> {
+        let file = Mutex::new(config.file.clone());
         Arc::new(AppState {
             config,
-            connections,
+            connections: RwLock::new(Arc::new(connections)),
             registry: Arc::new(Registry::default()),
             draining: AtomicBool::new(false),
             shutdown_children: CancellationToken::new(),
             in_flight: Mutex::new(HashMap::new()),
+            store,
+            observer: Arc::new(Observer::new()),
+            file,
+            write_lock: tokio::sync::Mutex::new(()),
+            drain_started: CancellationToken::new(),
         })
+    }
+
+    /// The config file as last read successfully.
+    pub fn file(&self) -> FileConfig {
+        self.file.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Records a newly read config file.
+    pub fn set_file(&self, f: FileConfig) {
+        *self.file.lock().unwrap_or_else(|e| e.into_inner()) = f;
+    }
+
+    /// Requests in flight per connection.
+    pub fn in_flight_counts(&self) -> std::collections::BTreeMap<String, usize> {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.load(Ordering::Relaxed)))
+            .collect()
     }
 
     /// The current connection table.
@@ -56,6 +95,7 @@ impl AppState {
     /// Starts draining: readiness goes false and every agent is asked to drain.
     pub fn begin_drain(&self) {
         self.draining.store(true, Ordering::SeqCst);
+        self.drain_started.cancel();
         for s in self.registry.all() {
             s.drain("broker shutting down");
         }

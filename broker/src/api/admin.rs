@@ -74,21 +74,64 @@ impl Admin for AdminService {
 
     async fn test_connection(
         &self,
-        _req: Request<pb::TestConnectionRequest>,
+        req: Request<pb::TestConnectionRequest>,
     ) -> Result<Response<pb::TestConnectionResponse>, Status> {
-        Err(Status::unimplemented(
-            "TestConnection is not available in this version",
-        ))
+        let id = req.into_inner().connection_id;
+        let Some(conn) = self.state.connections().get(&id) else {
+            return Err(Status::not_found(format!("no connection named {id:?}")));
+        };
+        let report = super::test_connection::run(&self.state, &conn).await;
+        Ok(Response::new(pb::TestConnectionResponse {
+            ok: report.ok,
+            checks: report
+                .checks
+                .into_iter()
+                .map(|c| pb::Check {
+                    name: c.name.to_string(),
+                    status: c.status.to_string(),
+                    detail: c.detail,
+                    hint: c.hint,
+                })
+                .collect(),
+        }))
     }
 
     type WatchTunnelStream = EventStream;
 
     async fn watch_tunnel(
         &self,
-        _req: Request<pb::WatchTunnelRequest>,
+        req: Request<pb::WatchTunnelRequest>,
     ) -> Result<Response<EventStream>, Status> {
-        Err(Status::unimplemented(
-            "WatchTunnel is not available in this version",
-        ))
+        let id = req.into_inner().connection_id;
+        if self.state.connections().get(&id).is_none() {
+            return Err(Status::not_found(format!("no connection named {id:?}")));
+        }
+        // Subscribe before answering, so nothing sent after the call
+        // returns is missed. A watcher slower than the traffic lags: it
+        // loses the oldest events (a warning is logged), traffic never waits.
+        let rx = self.state.observer.subscribe();
+        let stop = self.state.drain_started.clone();
+        let stream = futures::stream::unfold(rx, move |mut rx| {
+            let id = id.clone();
+            let stop = stop.clone();
+            async move {
+                loop {
+                    let next = tokio::select! {
+                        _ = stop.cancelled() => return None,
+                        r = rx.recv() => r,
+                    };
+                    match next {
+                        Ok(ev) if ev.connection == id => return Some((Ok(ev.event), rx)),
+                        Ok(_) => continue,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            tracing::warn!(connection = %id, lost = n, "a WatchTunnel caller is too slow: events dropped");
+                            continue;
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -1,16 +1,25 @@
-//! `GET /v1/connections[/{id}]`: connections and the agents serving them.
-//! Secrets are never part of a view.
+//! `/v1/connections`: the connections and the agents serving them (`GET`),
+//! and their management (`PUT`, `DELETE`, `POST .../access-key`). Secrets
+//! are never part of a view.
+//!
+//! Writes go to the API store (persisted under `--data-dir`, refused
+//! without one) and the table is rebuilt from the config file merged with
+//! the store (see `ConnectionSet::from_sources`) and swapped in whole.
 
-use crate::config::{Connection, Mode};
+use super::error::ApiError;
+use crate::config::connections::{valid_id, validate_fields};
+use crate::config::{Connection, ConnectionSet, Mode};
 use crate::frontdoor::respond::error_response;
 use crate::state::AppState;
+use crate::store::{StoreError, StoredConnection};
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::response::IntoResponse;
 use axum::Json;
 use gitproxy_shared::errors::{ErrorCode, GitproxyError};
 use http::{HeaderMap, Response};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// One connection as the API shows it.
@@ -24,6 +33,15 @@ pub struct ConnectionView {
     pub gitlab_url: String,
     /// "connected", "disconnected" or "direct".
     pub status: &'static str,
+    /// "file", "api" or "file+api".
+    pub source: &'static str,
+    /// Whether a token is configured (never the token itself).
+    pub has_token: bool,
+    /// Whether an accessKey is configured (agent mode).
+    pub has_access_key: bool,
+    /// The URL GitLab calls itself, when set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external_url: Option<String>,
     /// Connected agents.
     pub agents: Vec<AgentView>,
 }
@@ -65,6 +83,10 @@ pub fn view(state: &AppState, c: &Connection) -> ConnectionView {
         mode: c.mode.as_str(),
         gitlab_url: c.gitlab_url.to_string(),
         status,
+        source: c.source.as_str(),
+        has_token: c.token.is_some(),
+        has_access_key: c.access_key_sha256.is_some(),
+        external_url: c.external_url.as_ref().map(|u| u.to_string()),
         agents,
     }
 }
@@ -111,5 +133,208 @@ pub async fn get_one(
             ErrorCode::UnknownConnection,
             format!("no connection named {id:?}"),
         )),
+    }
+}
+
+/// Body of `PUT /v1/connections/{id}`; fields left out keep their values.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PutBody {
+    /// "agent" or "direct".
+    pub mode: Option<String>,
+    /// GitLab base URL.
+    pub gitlab_url: Option<String>,
+    /// The URL GitLab calls itself; "" clears it.
+    pub external_url: Option<String>,
+    /// GitLab token.
+    pub token: Option<gitproxy_shared::Secret>,
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+/// Validates the store with `change` applied, persists it and swaps the new
+/// table in. Runs under the state's write lock.
+fn commit(state: &AppState, next: BTreeMap<String, StoredConnection>) -> Result<(), ApiError> {
+    let set = ConnectionSet::from_sources(
+        &state.file(),
+        state.config.base_dir.as_deref(),
+        &next,
+        &state.config.extra_ca_pem,
+    )
+    .map_err(|e| ApiError::invalid(format!("{e:#}")))?;
+    state.store.save_connections(next).map_err(|e| match e {
+        StoreError::NoDataDir => ApiError::new(
+            409,
+            "persistence_disabled",
+            e.to_string(),
+            "Start the broker with --data-dir (GITPROXY_DATA_DIR) so API-made connections persist.",
+        ),
+        StoreError::Io { .. } => ApiError::new(
+            500,
+            "storage_error",
+            e.to_string(),
+            "Check that the data directory is writable and not full.",
+        ),
+    })?;
+    crate::reload::apply(state, set);
+    Ok(())
+}
+
+fn check_id(id: &str) -> Result<(), ApiError> {
+    if valid_id(id) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid("connection ids match [a-z0-9-]{1,63}"))
+    }
+}
+
+/// `PUT /v1/connections/{id}`: creates or updates.
+pub async fn put(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: bytes::Bytes,
+) -> Response<Body> {
+    if let Err(r) = authorize(&state, &headers) {
+        return *r;
+    }
+    match put_inner(&state, &id, &body).await {
+        Ok((created, v)) => {
+            let mut r = Json(v).into_response();
+            if created {
+                *r.status_mut() = http::StatusCode::CREATED;
+            }
+            r
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn put_inner(
+    state: &Arc<AppState>,
+    id: &str,
+    body: &[u8],
+) -> Result<(bool, ConnectionView), ApiError> {
+    check_id(id)?;
+    let b: PutBody = serde_json::from_slice(body).map_err(|e| {
+        // serde's message names the field, never the value.
+        ApiError::invalid(format!("the body is not a connection: {e}"))
+    })?;
+    validate_fields(
+        b.mode.as_deref(),
+        b.gitlab_url.as_deref(),
+        b.external_url.as_deref(),
+    )
+    .map_err(|e| ApiError::invalid(format!("{e:#}")))?;
+    if b.token.as_ref().is_some_and(|t| t.is_empty()) {
+        return Err(ApiError::invalid("token must not be empty"));
+    }
+    let _w = state.write_lock.lock().await;
+    let created = state.connections().get(id).is_none();
+    let mut next = state.store.snapshot().connections;
+    let mut e = next.remove(id).filter(|e| !e.deleted).unwrap_or_default();
+    if let Some(m) = b.mode {
+        e.mode = Some(m);
+    }
+    if let Some(u) = b.gitlab_url {
+        e.gitlab_url = Some(u);
+    }
+    if let Some(u) = b.external_url {
+        e.external_url = Some(u);
+    }
+    let rotated = b.token.is_some();
+    if let Some(t) = b.token {
+        e.token = Some(t);
+    }
+    e.updated_at = now();
+    next.insert(id.to_string(), e);
+    commit(state, next)?;
+    tracing::info!(connection = %id, created, token_changed = rotated, "connection saved through the API");
+    let c = state
+        .connections()
+        .get(id)
+        .ok_or_else(|| ApiError::unknown(id))?;
+    Ok((created, view(state, &c)))
+}
+
+/// `DELETE /v1/connections/{id}`.
+pub async fn delete(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response<Body> {
+    if let Err(r) = authorize(&state, &headers) {
+        return *r;
+    }
+    let _w = state.write_lock.lock().await;
+    if state.connections().get(&id).is_none() {
+        return ApiError::unknown(&id).into_response();
+    }
+    let mut next = state.store.snapshot().connections;
+    let in_file = state.file().connections.iter().any(|c| c.id == id);
+    if in_file {
+        next.insert(
+            id.clone(),
+            StoredConnection {
+                deleted: true,
+                updated_at: now(),
+                ..Default::default()
+            },
+        );
+    } else {
+        next.remove(&id);
+    }
+    match commit(&state, next) {
+        Ok(()) => {
+            tracing::info!(connection = %id, "connection deleted through the API");
+            http::StatusCode::NO_CONTENT.into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /v1/connections/{id}/access-key`: a new accessKey, shown only in
+/// this answer; agents holding the previous one are disconnected.
+pub async fn access_key(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response<Body> {
+    if let Err(r) = authorize(&state, &headers) {
+        return *r;
+    }
+    let _w = state.write_lock.lock().await;
+    let Some(c) = state.connections().get(&id) else {
+        return ApiError::unknown(&id).into_response();
+    };
+    if c.mode != Mode::Agent {
+        return ApiError::new(
+            409,
+            "not_agent_mode",
+            format!("connection {id} is in direct mode: it has no agents and needs no accessKey"),
+            "Switch it to agent mode first: PUT {\"mode\": \"agent\"}.",
+        )
+        .into_response();
+    }
+    let (key, hash) = crate::keygen::generate();
+    let mut next = state.store.snapshot().connections;
+    let mut e = next.remove(&id).filter(|e| !e.deleted).unwrap_or_default();
+    e.access_key_sha256 = Some(hash.clone());
+    e.updated_at = now();
+    next.insert(id.clone(), e);
+    match commit(&state, next) {
+        Ok(()) => {
+            tracing::info!(connection = %id, access_key_sha256 = %hash, "new accessKey issued through the API");
+            let mut r = Json(serde_json::json!({"access_key": key, "access_key_sha256": hash}))
+                .into_response();
+            r.headers_mut().insert(
+                http::header::CACHE_CONTROL,
+                http::HeaderValue::from_static("no-store"),
+            );
+            r
+        }
+        Err(e) => e.into_response(),
     }
 }

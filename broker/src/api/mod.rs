@@ -4,11 +4,15 @@
 
 pub mod admin;
 pub mod connections;
+pub mod error;
+pub mod merge_requests;
+pub mod projects;
+pub mod test_connection;
 
 use crate::frontdoor;
 use crate::state::AppState;
 use axum::extract::State;
-use axum::routing::{any, get};
+use axum::routing::{any, get, post};
 use axum::Router;
 use gitproxy_proto::v1::admin_server::AdminServer;
 use http::StatusCode;
@@ -36,7 +40,23 @@ pub fn router(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/v1/connections", get(connections::list))
-        .route("/v1/connections/{id}", get(connections::get_one))
+        .route(
+            "/v1/connections/{id}",
+            get(connections::get_one)
+                .put(connections::put)
+                .delete(connections::delete),
+        )
+        .route(
+            "/v1/connections/{id}/access-key",
+            post(connections::access_key),
+        )
+        .route("/v1/connections/{id}/test", post(test_connection::handle))
+        .route("/v1/connections/{id}/projects", get(projects::handle))
+        .route(
+            "/v1/connections/{id}/merge-requests",
+            get(merge_requests::list).post(merge_requests::create),
+        )
+        .route("/metrics", get(metrics))
         .route("/gitlab/{*rest}", any(frontdoor::handle))
         .with_state(state)
         .merge(grpc)
@@ -64,4 +84,30 @@ async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str
     } else {
         (StatusCode::OK, "ready\n")
     }
+}
+
+/// `GET /metrics`: Prometheus text format (no API key).
+async fn metrics(State(state): State<Arc<AppState>>) -> http::Response<axum::body::Body> {
+    let conns = state.connections();
+    let mut agents = std::collections::BTreeMap::new();
+    for s in state.registry.all() {
+        if !s.is_closed() {
+            *agents.entry(s.conn_id.clone()).or_insert(0usize) += 1;
+        }
+    }
+    let g = crate::observe::Gauges {
+        connections: conns
+            .all()
+            .iter()
+            .map(|c| (c.id.clone(), c.mode.as_str()))
+            .collect(),
+        agents,
+        in_flight: state.in_flight_counts(),
+    };
+    let mut r = http::Response::new(axum::body::Body::from(state.observer.render(&g)));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    r
 }

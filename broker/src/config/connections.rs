@@ -2,11 +2,12 @@
 //! immutable: a reload builds a new one and swaps it in whole.
 
 use super::file::{FileConfig, FileConnection};
+use crate::store::StoredConnection;
 use anyhow::{bail, Context};
 use gitproxy_shared::secret::{ct_eq, redact_url, sha256_hex};
 use gitproxy_shared::upstream::{ProxySettings, Upstream, UpstreamConfig};
 use gitproxy_shared::Secret;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,9 +32,33 @@ impl Mode {
     }
 }
 
+/// Where a connection's settings come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The config file only.
+    File,
+    /// The API only.
+    Api,
+    /// The config file, with fields overridden through the API.
+    FileAndApi,
+}
+
+impl Source {
+    /// Wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::File => "file",
+            Source::Api => "api",
+            Source::FileAndApi => "file+api",
+        }
+    }
+}
+
 /// One connection.
 #[derive(Debug)]
 pub struct Connection {
+    /// Where its settings come from.
+    pub source: Source,
     /// `[a-z0-9-]{1,63}`.
     pub id: String,
     /// Mode.
@@ -85,13 +110,95 @@ impl ConnectionSet {
             set.api_keys_sha256.push(k);
         }
         for c in &file.connections {
-            let conn = build(c, base_dir, extra_ca_pem)
+            let conn = build(c, base_dir, extra_ca_pem, Source::File)
                 .with_context(|| format!("connection {:?}", c.id))?;
             if set.by_id.insert(conn.id.clone(), Arc::new(conn)).is_some() {
                 bail!("connection id {:?} appears twice", c.id);
             }
         }
         Ok(set)
+    }
+
+    /// The file's connections merged with the API store's: a field set
+    /// through the API overrides the file's field of the same connection id,
+    /// fields left out keep the file's values, ids only in the store are
+    /// added, and a tombstone (`deleted`) hides the file's connection.
+    /// Agent-mode connections made through the API may have no accessKey yet
+    /// (no agent can connect until `POST .../access-key`).
+    pub fn from_sources(
+        file: &FileConfig,
+        base_dir: Option<&Path>,
+        api: &BTreeMap<String, StoredConnection>,
+        extra_ca_pem: &[u8],
+    ) -> anyhow::Result<Self> {
+        let mut merged = FileConfig {
+            api_keys_sha256: file.api_keys_sha256.clone(),
+            ..FileConfig::default()
+        };
+        let mut sources = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for c in &file.connections {
+            if !seen.insert(c.id.clone()) {
+                bail!("connection id {:?} appears twice in the config file", c.id);
+            }
+            match api.get(&c.id) {
+                Some(o) if o.deleted => {}
+                Some(o) => {
+                    merged.connections.push(overlay(c.clone(), o));
+                    sources.push(Source::FileAndApi);
+                }
+                None => {
+                    merged.connections.push(c.clone());
+                    sources.push(Source::File);
+                }
+            }
+        }
+        for (id, o) in api {
+            if o.deleted || seen.contains(id) {
+                continue;
+            }
+            let (Some(mode), Some(gitlab_url)) = (&o.mode, &o.gitlab_url) else {
+                bail!("connection {id:?} made through the API lacks mode or gitlab_url");
+            };
+            let base = FileConnection {
+                id: id.clone(),
+                mode: mode.clone(),
+                gitlab_url: gitlab_url.clone(),
+                external_url: None,
+                token: None,
+                token_file: None,
+                access_key_sha256: None,
+            };
+            merged.connections.push(overlay(base, o));
+            sources.push(Source::Api);
+        }
+        let mut set = ConnectionSet::from_file(
+            &FileConfig {
+                connections: Vec::new(),
+                ..merged.clone()
+            },
+            base_dir,
+            extra_ca_pem,
+        )?;
+        for (c, source) in merged.connections.iter().zip(sources) {
+            let conn = build(c, base_dir, extra_ca_pem, source)
+                .with_context(|| format!("connection {:?}", c.id))?;
+            set.by_id.insert(conn.id.clone(), Arc::new(conn));
+        }
+        Ok(set)
+    }
+
+    /// Paths of the `token_file`s the file's connections read (watched for
+    /// changes along with the file).
+    pub fn token_files(file: &FileConfig, base_dir: Option<&Path>) -> Vec<std::path::PathBuf> {
+        file.connections
+            .iter()
+            .filter_map(|c| c.token_file.as_ref())
+            .map(|f| match base_dir {
+                Some(d) if f.is_relative() => d.join(f),
+                _ => f.clone(),
+            })
+            .collect()
     }
 
     /// The connection with this id.
@@ -139,10 +246,53 @@ impl ConnectionSet {
     }
 }
 
+/// The file's connection with the API's fields laid over it.
+fn overlay(mut c: FileConnection, o: &StoredConnection) -> FileConnection {
+    if let Some(m) = &o.mode {
+        c.mode = m.clone();
+    }
+    if let Some(u) = &o.gitlab_url {
+        c.gitlab_url = u.clone();
+    }
+    if let Some(u) = &o.external_url {
+        c.external_url = (!u.is_empty()).then(|| u.clone());
+    }
+    if let Some(t) = &o.token {
+        c.token = Some(t.clone());
+        c.token_file = None;
+    }
+    if let Some(h) = &o.access_key_sha256 {
+        c.access_key_sha256 = Some(h.clone());
+    }
+    c
+}
+
+/// Validates the fields of one connection as a PUT would set them, without
+/// building anything (for early 400 answers).
+pub fn validate_fields(
+    mode: Option<&str>,
+    gitlab_url: Option<&str>,
+    external_url: Option<&str>,
+) -> anyhow::Result<()> {
+    if let Some(m) = mode {
+        if m != "agent" && m != "direct" {
+            bail!("mode {m:?} must be \"agent\" or \"direct\"");
+        }
+    }
+    if let Some(u) = gitlab_url {
+        parse_url(u, "gitlab_url")?;
+    }
+    if let Some(u) = external_url.filter(|u| !u.is_empty()) {
+        parse_url(u, "external_url")?;
+    }
+    Ok(())
+}
+
 fn build(
     c: &FileConnection,
     base_dir: Option<&Path>,
     extra_ca_pem: &[u8],
+    source: Source,
 ) -> anyhow::Result<Connection> {
     if !valid_id(&c.id) {
         bail!("id must match [a-z0-9-]{{1,63}}");
@@ -181,7 +331,7 @@ fn build(
             bail!("access_key_sha256 is not a hex SHA-256; gitproxy-broker keygen prints one");
         }
     }
-    if mode == Mode::Agent && access_key_sha256.is_none() {
+    if mode == Mode::Agent && access_key_sha256.is_none() && source == Source::File {
         bail!(
             "agent mode needs access_key_sha256 (gitproxy-broker keygen prints a key and its hash)"
         );
@@ -199,6 +349,7 @@ fn build(
         Mode::Agent => None,
     };
     Ok(Connection {
+        source,
         id: c.id.clone(),
         mode,
         gitlab_url,

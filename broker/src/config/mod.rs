@@ -51,8 +51,13 @@ pub struct BrokerConfig {
     pub data_dir: Option<PathBuf>,
     /// The TOML file, reloaded on SIGHUP.
     pub config_file: Option<PathBuf>,
-    /// Connections and API keys.
+    /// Connections and API keys of the file alone (validated).
     pub connections: ConnectionSet,
+    /// The file as last read (merged with the API store at start and on
+    /// every change).
+    pub file: file::FileConfig,
+    /// The file's directory (resolves relative `token_file`s).
+    pub base_dir: Option<PathBuf>,
     /// Tunnel tuning.
     pub tunnel: TunnelSettings,
     /// How long in-flight requests may take on shutdown.
@@ -123,6 +128,8 @@ impl BrokerConfig {
             data_dir: a.data_dir.or(file.data_dir.clone()),
             config_file: a.config,
             connections,
+            file,
+            base_dir,
             tunnel: TunnelSettings {
                 heartbeat_interval: a.heartbeat_interval,
                 heartbeat_timeout: a.heartbeat_timeout,

@@ -39,6 +39,18 @@ pub struct RequestLog {
     pub bytes_in: Arc<AtomicU64>,
     /// When the request arrived.
     pub started: Instant,
+    /// Where metrics and events go.
+    pub obs: Option<Obs>,
+}
+
+/// The request's link to metrics and the WatchTunnel feed.
+pub struct Obs {
+    /// The broker's observer.
+    pub observer: Arc<crate::observe::Observer>,
+    /// Sequence number given by `request_started`.
+    pub seq: u64,
+    /// When the request arrived.
+    pub started: Instant,
 }
 
 /// A response body that logs and releases its guards when done.
@@ -49,6 +61,7 @@ pub struct Logged<B> {
     expected: Option<u64>,
     complete: bool,
     error: Option<String>,
+    error_code: Option<&'static str>,
     guards: Guards,
 }
 
@@ -73,6 +86,7 @@ impl<B: Body> Logged<B> {
             expected,
             complete: false,
             error: None,
+            error_code: None,
             guards,
         }
     }
@@ -101,6 +115,11 @@ where
             Poll::Ready(Some(Err(e))) => {
                 let e: BoxError = e.into();
                 this.error = Some(e.to_string());
+                this.error_code = Some(
+                    e.downcast_ref::<gitproxy_shared::errors::GitproxyError>()
+                        .map(|g| g.error.as_str())
+                        .unwrap_or("upstream_unreachable"),
+                );
                 Poll::Ready(Some(Err(e)))
             }
             Poll::Ready(None) => {
@@ -125,7 +144,29 @@ impl<B> Drop for Logged<B> {
         let l = &self.log;
         let duration_ms = l.started.elapsed().as_millis() as u64;
         let bytes_in = l.bytes_in.load(Ordering::Relaxed);
-        if self.complete || self.expected == Some(self.bytes_out) {
+        let complete = self.complete || self.expected == Some(self.bytes_out);
+        if let Some(o) = &l.obs {
+            o.observer.request_finished(crate::observe::Finished {
+                seq: o.seq,
+                connection: Some(l.connection.clone()),
+                mode: l.mode,
+                method: l.method.clone(),
+                path: l.path.clone(),
+                status: l.status,
+                bytes_in,
+                bytes_out: self.bytes_out,
+                duration: l.started.elapsed(),
+                // "aborted": the caller went away before the body was sent.
+                error: match (complete, self.error_code) {
+                    (true, _) => String::new(),
+                    (false, Some(c)) => c.to_string(),
+                    (false, None) => "aborted".to_string(),
+                },
+                tunnel_request_id: l.request_id,
+                agent: l.agent.clone(),
+            });
+        }
+        if complete {
             if let Some(g) = self.guards.request.as_mut() {
                 g.mark_complete();
             }

@@ -1,7 +1,7 @@
 //! Delivery of a front-door request, through the connection's agent or
 //! directly, streaming both ways, and the answer rebuilt for the caller.
 
-use super::body::{Guards, Logged, RequestLog, SyncBody};
+use super::body::{Guards, Logged, Obs, RequestLog, SyncBody};
 use super::credentials;
 use super::rewrite::Rewriter;
 use super::target::Target;
@@ -15,7 +15,6 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body as _;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::Instant;
 
 fn content_length(h: &HeaderMap) -> Option<u64> {
     h.get(http::header::CONTENT_LENGTH)
@@ -110,8 +109,9 @@ pub async fn via_agent(
     t: Target,
     req: Request<Body>,
     slot: InFlightGuard,
+    obs: Obs,
 ) -> Result<Response<Body>, GitproxyError> {
-    let started = Instant::now();
+    let started = obs.started;
     let (parts, body) = req.into_parts();
     let wire_headers = headers::request_to_wire(&parts.headers);
     let body = (!body.is_end_stream()).then_some(body);
@@ -180,6 +180,7 @@ pub async fn via_agent(
         agent: session_instance,
         bytes_in,
         started,
+        obs: Some(obs),
     };
     let guards = Guards {
         request: Some(guard),
@@ -204,8 +205,9 @@ pub async fn direct(
     t: Target,
     req: Request<Body>,
     slot: InFlightGuard,
+    obs: Obs,
 ) -> Result<Response<Body>, GitproxyError> {
-    let started = Instant::now();
+    let started = obs.started;
     let upstream = conn.upstream.as_ref().ok_or_else(|| {
         GitproxyError::new(ErrorCode::Internal, "direct connection without a client")
     })?;
@@ -257,6 +259,7 @@ pub async fn direct(
         agent: String::new(),
         bytes_in,
         started,
+        obs: Some(obs),
     };
     Ok(respond(
         status,

@@ -12,6 +12,7 @@
 pub mod body;
 pub mod credentials;
 pub mod forward;
+pub mod internal;
 pub mod respond;
 pub mod rewrite;
 pub mod target;
@@ -27,19 +28,64 @@ use std::sync::Arc;
 
 /// Handles one front-door request.
 pub async fn handle(State(state): State<Arc<AppState>>, req: Request<Body>) -> Response<Body> {
-    match forward_request(&state, req).await {
+    match serve(&state, req, false).await {
         Ok(r) => r,
         Err(e) => error_response(&e),
     }
 }
 
+/// What is known of a request when gitproxy answers it with an error.
+#[derive(Default)]
+struct Seen {
+    connection: Option<String>,
+    seq: u64,
+    path: String,
+}
+
+/// Serves one front-door request; `internal` requests (made by the broker
+/// itself: Test Connection, catalogue, merge requests) skip the caller's API
+/// key check, and take every other step real requests take. Errors made by
+/// gitproxy are recorded (metrics, WatchTunnel) and returned.
+pub async fn serve(
+    state: &Arc<AppState>,
+    req: Request<Body>,
+    internal: bool,
+) -> Result<Response<Body>, GitproxyError> {
+    let started = std::time::Instant::now();
+    let method = req.method().to_string();
+    let mut seen = Seen::default();
+    let r = forward_request(state, req, internal, started, &mut seen).await;
+    if let Err(e) = &r {
+        if let Some(conn) = seen.connection {
+            state.observer.request_finished(crate::observe::Finished {
+                seq: seen.seq,
+                connection: Some(conn),
+                mode: "",
+                method,
+                path: seen.path,
+                status: e.error.http_status(),
+                bytes_in: 0,
+                bytes_out: 0,
+                duration: started.elapsed(),
+                error: e.error.as_str().to_string(),
+                tunnel_request_id: 0,
+                agent: String::new(),
+            });
+        }
+    }
+    r
+}
+
 async fn forward_request(
     state: &Arc<AppState>,
     req: Request<Body>,
+    internal: bool,
+    started: std::time::Instant,
+    seen: &mut Seen,
 ) -> Result<Response<Body>, GitproxyError> {
     let conns = state.connections();
     let presented = req.headers().get("x-gitproxy-key").map(|v| v.as_bytes());
-    if !conns.api_key_ok(presented) {
+    if !internal && !conns.api_key_ok(presented) {
         return Err(GitproxyError::new(
             ErrorCode::Unauthorized,
             if presented.is_some() {
@@ -56,6 +102,11 @@ async fn forward_request(
             format!("no connection named {:?}", t.connection),
         )
     })?;
+    seen.path = t.path_only().to_string();
+    seen.seq = state
+        .observer
+        .request_started(&conn.id, req.method().as_str(), &seen.path);
+    seen.connection = Some(conn.id.clone());
     if let Err(reason) =
         gitproxy_shared::policy::Policy::default().check(req.method().as_str(), &t.target)
     {
@@ -74,8 +125,13 @@ async fn forward_request(
             ),
         ));
     };
+    let obs = body::Obs {
+        observer: state.observer.clone(),
+        seq: seen.seq,
+        started,
+    };
     match conn.mode {
-        Mode::Agent => forward::via_agent(state, &conn, t, req, slot).await,
-        Mode::Direct => forward::direct(state, &conn, t, req, slot).await,
+        Mode::Agent => forward::via_agent(state, &conn, t, req, slot, obs).await,
+        Mode::Direct => forward::direct(state, &conn, t, req, slot, obs).await,
     }
 }

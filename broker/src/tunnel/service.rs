@@ -121,7 +121,11 @@ impl Tunnel for TunnelService {
         };
         tx.try_send(welcome)
             .map_err(|_| Status::internal("cannot queue Welcome"))?;
-        let closed = self.state.shutdown_children.child_token();
+        // `stop` cuts the stream at broker shutdown; `closed` (its child) is
+        // the session's own end: the stream then flushes what is queued
+        // (e.g. the Welcome of an agent that half-closed at once) and ends.
+        let stop = self.state.shutdown_children.child_token();
+        let closed = stop.child_token();
         let session = AgentSession::new(
             conn.id.clone(),
             hello.instance.clone(),
@@ -141,15 +145,24 @@ impl Tunnel for TunnelService {
             peer = %peer,
             "agent connected"
         );
+        self.state
+            .observer
+            .agent_connected(&conn.id, &hello.instance, &hello.version);
         let span = tracing::info_span!("agent", connection = %conn.id, instance = %hello.instance);
+        let observer = self.state.observer.clone();
+        let registry = self.state.registry.clone();
+        let (conn_id, instance) = (conn.id.clone(), hello.instance.clone());
         tokio::spawn(
-            session
-                .run(inbound, self.state.registry.clone())
-                .in_current_span()
-                .instrument(span),
+            async move {
+                let reason = session.run(inbound, registry).await;
+                observer.agent_disconnected(&conn_id, &instance, &reason);
+            }
+            .in_current_span()
+            .instrument(span),
         );
         let out = Outbound::new(control, rx, control_to_msg)
-            .take_until(cancelled(closed))
+            .closed_by(closed)
+            .take_until(cancelled(stop))
             .map(Ok);
         Ok(Response::new(Box::pin(out)))
     }

@@ -334,7 +334,7 @@ impl AgentSession {
         self: Arc<Self>,
         mut inbound: Streaming<AgentMessage>,
         registry: Arc<Registry>,
-    ) {
+    ) -> String {
         let mut heartbeat = tokio::time::interval(self.settings.heartbeat_interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_seen = Instant::now();
@@ -383,6 +383,7 @@ impl AgentSession {
             }
         }
         info!(connection = %self.conn_id, instance = %self.instance, failed_in_flight = n, "agent disconnected: {reason}");
+        reason
     }
 
     fn dispatch(&self, m: AgentMessage) {

@@ -62,6 +62,10 @@ impl ConnSpec {
     }
 }
 
+/// In [`BrokerSpec::args`], replaced by the broker's own temporary directory
+/// (which survives [`Broker::restart`]); e.g. `["--data-dir", "{dir}/data"]`.
+pub const DIR_PLACEHOLDER: &str = "{dir}";
+
 /// Everything a broker needs.
 #[derive(Debug, Clone, Default)]
 pub struct BrokerSpec {
@@ -134,7 +138,11 @@ async fn spawn(
         .arg(agent)
         .arg("--api-listen")
         .arg(api)
-        .args(&spec.args)
+        .args(
+            spec.args
+                .iter()
+                .map(|a| a.replace(DIR_PLACEHOLDER, &dir.display().to_string())),
+        )
         .env("GITPROXY_LOG_FORMAT", "json")
         .env("RUST_LOG", "info")
         .env_remove("HTTPS_PROXY")
@@ -207,6 +215,16 @@ impl Broker {
     /// The API base.
     pub fn api(&self) -> String {
         format!("http://{}", self.api_addr)
+    }
+
+    /// The TOML file the broker reads (rewrite it to test reloads).
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("broker.toml")
+    }
+
+    /// The TOML text for `spec` (as written at start).
+    pub fn toml(spec: &BrokerSpec) -> String {
+        toml_for(spec)
     }
 
     /// The temporary directory of this broker.

@@ -1,0 +1,549 @@
+//! Remediation merge requests: `POST /v1/connections/{id}/merge-requests`
+//! opens one (branch + commit + MR), `GET` lists those gitproxy opened with
+//! their current state read from GitLab.
+//!
+//! GitLab calls for a new MR (every one through the front door's path):
+//! 1. `GET /projects/:id` — canonical id, path and default branch;
+//! 2. `GET /projects/:id/merge_requests?state=opened&source_branch=...` — an
+//!    open MR for the source branch is returned as is (idempotent);
+//! 3. `HEAD /projects/:id/repository/files/:path?ref=<target>` per file —
+//!    `create` or `update`;
+//! 4. `POST /projects/:id/repository/commits` with `branch` = source and
+//!    `start_branch` = target: the branch and the commit in one call;
+//! 5. `POST /projects/:id/merge_requests`.
+//!
+//! When the source branch already exists (an earlier attempt stopped after
+//! its commit), the files are compared on that branch and only what differs
+//! is committed — nothing when all is there. A 409 on step 5 (GitLab's
+//! "Another open merge request already exists") means a concurrent attempt
+//! won: its MR is fetched and returned.
+
+use super::connections::authorize;
+use super::error::ApiError;
+use crate::frontdoor::internal::{self, query_value, segment, Answer};
+use crate::state::AppState;
+use crate::store::TrackedMr;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::response::IntoResponse;
+use axum::Json;
+use base64::Engine;
+use futures::StreamExt;
+use http::{HeaderMap, Method, Response, StatusCode};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+/// One file to write.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Change {
+    /// Path in the repository.
+    pub path: String,
+    /// The whole new content (text).
+    pub content: String,
+}
+
+/// Body of the POST.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewMr {
+    /// Project id or `group/name`.
+    pub project: Value,
+    /// Default: the project's default branch.
+    pub target_branch: Option<String>,
+    /// The branch to create (or reuse).
+    pub source_branch: String,
+    /// Title (also the commit message).
+    pub title: String,
+    /// Description.
+    pub description: Option<String>,
+    /// Files.
+    pub changes: Vec<Change>,
+}
+
+/// An MR as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct MrView {
+    /// Connection id.
+    pub connection: String,
+    /// GitLab project id.
+    pub project_id: u64,
+    /// `group/name`.
+    pub project: String,
+    /// iid.
+    pub iid: u64,
+    /// Title.
+    pub title: String,
+    /// Source branch.
+    pub source_branch: String,
+    /// Target branch.
+    pub target_branch: String,
+    /// `opened`, `closed`, `merged`, `locked` (or `unknown` when GitLab could not be asked).
+    pub state: String,
+    /// GitLab's URL.
+    pub web_url: String,
+    /// When gitproxy opened it.
+    pub created_at: String,
+    /// Why the state is unknown.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+struct Project {
+    id: u64,
+    path: String,
+    default_branch: Option<String>,
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+async fn get_project(
+    state: &Arc<AppState>,
+    conn: &str,
+    project: &str,
+) -> Result<Project, ApiError> {
+    let a = internal::call(
+        state,
+        conn,
+        Method::GET,
+        &format!("/api/v4/projects/{}", segment(project)),
+        None,
+    )
+    .await?;
+    if a.status == 404 {
+        return Err(ApiError::new(
+            404,
+            "project_not_found",
+            format!("GitLab has no project {project:?} visible to the connection's token"),
+            "Check the project's path or id, and that the token's user is a member (Developer or above).",
+        ));
+    }
+    if !a.ok() {
+        return Err(ApiError::gitlab(
+            "GET /projects/:id",
+            a.status,
+            &a.error_text(),
+        ));
+    }
+    let v = a.json();
+    Ok(Project {
+        id: v
+            .get("id")
+            .and_then(|x| x.as_u64())
+            .ok_or_else(|| ApiError::gitlab("GET /projects/:id", a.status, "no id"))?,
+        path: v
+            .get("path_with_namespace")
+            .and_then(|x| x.as_str())
+            .unwrap_or(project)
+            .to_string(),
+        default_branch: v
+            .get("default_branch")
+            .and_then(|x| x.as_str())
+            .map(str::to_string),
+    })
+}
+
+async fn open_mr_for(
+    state: &Arc<AppState>,
+    conn: &str,
+    pid: u64,
+    source: &str,
+) -> Result<Option<Value>, ApiError> {
+    let a = internal::call(
+        state,
+        conn,
+        Method::GET,
+        &format!(
+            "/api/v4/projects/{pid}/merge_requests?state=opened&source_branch={}&per_page=20",
+            query_value(source)
+        ),
+        None,
+    )
+    .await?;
+    if !a.ok() {
+        return Err(ApiError::gitlab(
+            "GET /projects/:id/merge_requests",
+            a.status,
+            &a.error_text(),
+        ));
+    }
+    Ok(a.json().as_array().and_then(|v| v.first().cloned()))
+}
+
+fn file_target(pid: u64, path: &str, r#ref: &str) -> String {
+    format!(
+        "/api/v4/projects/{pid}/repository/files/{}?ref={}",
+        segment(path.trim_start_matches('/')),
+        query_value(r#ref)
+    )
+}
+
+/// Actions for a new branch started from `target`: create or update.
+async fn actions_from(
+    state: &Arc<AppState>,
+    conn: &str,
+    pid: u64,
+    target: &str,
+    changes: &[Change],
+) -> Result<Vec<Value>, ApiError> {
+    let mut actions = Vec::new();
+    for c in changes {
+        let a = internal::call(
+            state,
+            conn,
+            Method::HEAD,
+            &file_target(pid, &c.path, target),
+            None,
+        )
+        .await?;
+        let action = match a.status {
+            200 => "update",
+            404 => "create",
+            s => return Err(ApiError::gitlab("HEAD /repository/files/:path", s, "")),
+        };
+        actions.push(json!({"action": action, "file_path": c.path, "content": c.content}));
+    }
+    Ok(actions)
+}
+
+/// Actions for an existing branch: only files whose content differs.
+async fn actions_on_existing(
+    state: &Arc<AppState>,
+    conn: &str,
+    pid: u64,
+    branch: &str,
+    changes: &[Change],
+) -> Result<Vec<Value>, ApiError> {
+    let mut actions = Vec::new();
+    for c in changes {
+        let a = internal::call(
+            state,
+            conn,
+            Method::GET,
+            &file_target(pid, &c.path, branch),
+            None,
+        )
+        .await?;
+        let action = match a.status {
+            200 => {
+                let current = a
+                    .json()
+                    .get("content")
+                    .and_then(|x| x.as_str())
+                    .and_then(|b| {
+                        base64::engine::general_purpose::STANDARD
+                            .decode(b.replace('\n', ""))
+                            .ok()
+                    });
+                if current.as_deref() == Some(c.content.as_bytes()) {
+                    continue;
+                }
+                "update"
+            }
+            404 => "create",
+            s => {
+                return Err(ApiError::gitlab(
+                    "GET /repository/files/:path",
+                    s,
+                    &a.error_text(),
+                ))
+            }
+        };
+        actions.push(json!({"action": action, "file_path": c.path, "content": c.content}));
+    }
+    Ok(actions)
+}
+
+async fn commit(
+    state: &Arc<AppState>,
+    conn: &str,
+    pid: u64,
+    body: &Value,
+) -> Result<Answer, ApiError> {
+    Ok(internal::call(
+        state,
+        conn,
+        Method::POST,
+        &format!("/api/v4/projects/{pid}/repository/commits"),
+        Some(body),
+    )
+    .await?)
+}
+
+fn view_of(conn: &str, p: &Project, mr: &Value, created_at: &str) -> MrView {
+    let s = |k: &str| {
+        mr.get(k)
+            .and_then(|x| x.as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    MrView {
+        connection: conn.to_string(),
+        project_id: p.id,
+        project: p.path.clone(),
+        iid: mr.get("iid").and_then(|x| x.as_u64()).unwrap_or(0),
+        title: s("title"),
+        source_branch: s("source_branch"),
+        target_branch: s("target_branch"),
+        state: s("state"),
+        web_url: s("web_url"),
+        created_at: created_at.to_string(),
+        error: None,
+    }
+}
+
+/// Opens (or finds) the MR; `true` when it was created now.
+pub async fn open(
+    state: &Arc<AppState>,
+    conn: &str,
+    req: NewMr,
+) -> Result<(bool, MrView), ApiError> {
+    let project = match &req.project {
+        Value::String(s) if !s.trim().is_empty() => s.trim().to_string(),
+        Value::Number(n) => n.to_string(),
+        _ => {
+            return Err(ApiError::invalid(
+                "project must be a project id or \"group/name\"",
+            ))
+        }
+    };
+    if req.source_branch.trim().is_empty() || req.title.trim().is_empty() {
+        return Err(ApiError::invalid("source_branch and title are required"));
+    }
+    if req.changes.is_empty() || req.changes.iter().any(|c| c.path.trim().is_empty()) {
+        return Err(ApiError::invalid(
+            "changes must list at least one {\"path\", \"content\"} with a path",
+        ));
+    }
+    let p = get_project(state, conn, &project).await?;
+    let target = match req.target_branch.clone().filter(|t| !t.is_empty()) {
+        Some(t) => t,
+        None => p.default_branch.clone().ok_or_else(|| {
+            ApiError::invalid("the project has no default branch: give target_branch")
+        })?,
+    };
+    if target == req.source_branch {
+        return Err(ApiError::invalid(
+            "source_branch must differ from target_branch",
+        ));
+    }
+    if let Some(mr) = open_mr_for(state, conn, p.id, &req.source_branch).await? {
+        let v = track(state, conn, &p, &mr)?;
+        return Ok((false, v));
+    }
+    // Branch and commit in one call.
+    let actions = actions_from(state, conn, p.id, &target, &req.changes).await?;
+    let body = json!({
+        "branch": req.source_branch,
+        "start_branch": target,
+        "commit_message": req.title,
+        "actions": actions,
+    });
+    let a = commit(state, conn, p.id, &body).await?;
+    if !a.ok() {
+        let text = a.error_text();
+        if a.status == 400 && text.contains("already exists") {
+            // The branch exists: commit only what is missing there.
+            let actions =
+                actions_on_existing(state, conn, p.id, &req.source_branch, &req.changes).await?;
+            if !actions.is_empty() {
+                let body = json!({
+                    "branch": req.source_branch,
+                    "commit_message": req.title,
+                    "actions": actions,
+                });
+                let a = commit(state, conn, p.id, &body).await?;
+                if !a.ok() {
+                    return Err(ApiError::gitlab(
+                        "POST /repository/commits",
+                        a.status,
+                        &a.error_text(),
+                    ));
+                }
+            }
+        } else {
+            return Err(ApiError::gitlab(
+                "POST /repository/commits",
+                a.status,
+                &text,
+            ));
+        }
+    }
+    let mut mr_body = json!({
+        "source_branch": req.source_branch,
+        "target_branch": target,
+        "title": req.title,
+    });
+    if let Some(d) = &req.description {
+        mr_body["description"] = json!(d);
+    }
+    let a = internal::call(
+        state,
+        conn,
+        Method::POST,
+        &format!("/api/v4/projects/{}/merge_requests", p.id),
+        Some(&mr_body),
+    )
+    .await?;
+    match a.status {
+        200 | 201 => {
+            let v = track(state, conn, &p, &a.json())?;
+            tracing::info!(connection = %conn, project = %p.path, iid = v.iid, source_branch = %v.source_branch, "merge request opened");
+            Ok((true, v))
+        }
+        409 => match open_mr_for(state, conn, p.id, &req.source_branch).await? {
+            Some(mr) => Ok((false, track(state, conn, &p, &mr)?)),
+            None => Err(ApiError::gitlab(
+                "POST /merge_requests",
+                409,
+                &a.error_text(),
+            )),
+        },
+        s => Err(ApiError::gitlab("POST /merge_requests", s, &a.error_text())),
+    }
+}
+
+fn track(state: &AppState, conn: &str, p: &Project, mr: &Value) -> Result<MrView, ApiError> {
+    let created_at = now();
+    let v = view_of(conn, p, mr, &created_at);
+    if v.iid == 0 {
+        return Err(ApiError::gitlab(
+            "merge request",
+            200,
+            "no iid in GitLab's answer",
+        ));
+    }
+    let existing = state
+        .store
+        .snapshot()
+        .merge_requests
+        .into_iter()
+        .find(|m| m.connection == conn && m.project_id == p.id && m.iid == v.iid);
+    if let Some(m) = existing {
+        return Ok(MrView {
+            created_at: m.created_at,
+            ..v
+        });
+    }
+    state
+        .store
+        .track_mr(TrackedMr {
+            connection: conn.to_string(),
+            project_id: p.id,
+            project: p.path.clone(),
+            iid: v.iid,
+            source_branch: v.source_branch.clone(),
+            target_branch: v.target_branch.clone(),
+            title: v.title.clone(),
+            web_url: v.web_url.clone(),
+            created_at,
+        })
+        .map_err(|e| {
+            ApiError::new(
+                500,
+                "storage_error",
+                e.to_string(),
+                "Check that the data directory is writable and not full.",
+            )
+        })?;
+    Ok(v)
+}
+
+/// `POST /v1/connections/{id}/merge-requests`.
+pub async fn create(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: bytes::Bytes,
+) -> Response<Body> {
+    if let Err(r) = authorize(&state, &headers) {
+        return *r;
+    }
+    if state.connections().get(&id).is_none() {
+        return ApiError::unknown(&id).into_response();
+    }
+    let req: NewMr = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return ApiError::invalid(format!("the body is not a merge request: {e}"))
+                .into_response()
+        }
+    };
+    match open(&state, &id, req).await {
+        Ok((created, v)) => {
+            let mut r = Json(json!({"created": created, "merge_request": v})).into_response();
+            if created {
+                *r.status_mut() = StatusCode::CREATED;
+            }
+            r
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `GET /v1/connections/{id}/merge-requests`: the tracked MRs, newest
+/// first, each with its state as GitLab says now.
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response<Body> {
+    if let Err(r) = authorize(&state, &headers) {
+        return *r;
+    }
+    if state.connections().get(&id).is_none() {
+        return ApiError::unknown(&id).into_response();
+    }
+    let mut tracked: Vec<TrackedMr> = state
+        .store
+        .snapshot()
+        .merge_requests
+        .into_iter()
+        .filter(|m| m.connection == id)
+        .collect();
+    tracked.reverse();
+    let views: Vec<MrView> = futures::stream::iter(tracked)
+        .map(|m| {
+            let state = state.clone();
+            let id = id.clone();
+            async move {
+                let mut v = MrView {
+                    connection: id.clone(),
+                    project_id: m.project_id,
+                    project: m.project.clone(),
+                    iid: m.iid,
+                    title: m.title.clone(),
+                    source_branch: m.source_branch.clone(),
+                    target_branch: m.target_branch.clone(),
+                    state: "unknown".into(),
+                    web_url: m.web_url.clone(),
+                    created_at: m.created_at.clone(),
+                    error: None,
+                };
+                let target = format!("/api/v4/projects/{}/merge_requests/{}", m.project_id, m.iid);
+                match internal::call(&state, &id, Method::GET, &target, None).await {
+                    Ok(a) if a.ok() => {
+                        let j = a.json();
+                        if let Some(s) = j.get("state").and_then(|x| x.as_str()) {
+                            v.state = s.to_string();
+                        }
+                        if let Some(t) = j.get("title").and_then(|x| x.as_str()) {
+                            v.title = t.to_string();
+                        }
+                    }
+                    Ok(a) => {
+                        v.error = Some(format!("GitLab answered {}: {}", a.status, a.error_text()))
+                    }
+                    Err(e) => v.error = Some(format!("{}: {}", e.error.as_str(), e.message)),
+                }
+                v
+            }
+        })
+        .buffered(8)
+        .collect()
+        .await;
+    Json(json!({"merge_requests": views})).into_response()
+}

@@ -1,0 +1,124 @@
+//! `GET /v1/connections/{id}/projects`: every project the connection's token
+//! can work on (member with Developer role or above), across all pages.
+//!
+//! Pages are read with keyset pagination (`pagination=keyset&order_by=id`),
+//! which stays fast and consistent on large instances, following
+//! `Link: rel="next"` until there is none; a GitLab that refuses keyset
+//! pagination (405) is read with offset pagination instead.
+
+use super::connections::authorize;
+use super::error::ApiError;
+use crate::frontdoor::internal;
+use crate::state::AppState;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::response::IntoResponse;
+use axum::Json;
+use http::{HeaderMap, Method, Response};
+use serde::Serialize;
+use serde_json::Value;
+use std::sync::Arc;
+
+/// Most pages read for one catalogue (100 projects each).
+pub const MAX_PAGES: usize = 1000;
+
+/// One project of the catalogue.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProjectView {
+    /// GitLab id.
+    pub id: u64,
+    /// `group/name`.
+    pub path_with_namespace: String,
+    /// Display name.
+    pub name: String,
+    /// Default branch.
+    pub default_branch: Option<String>,
+    /// GitLab's URL.
+    pub web_url: Option<String>,
+    /// The token user's access level (30 Developer, 40 Maintainer, 50 Owner) when GitLab says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_level: Option<u64>,
+}
+
+fn project_view(v: &Value) -> Option<ProjectView> {
+    let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+    let perms = v.get("permissions");
+    let level = |k: &str| {
+        perms
+            .and_then(|p| p.get(k))
+            .and_then(|a| a.get("access_level"))
+            .and_then(|l| l.as_u64())
+    };
+    let access_level = match (level("project_access"), level("group_access")) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    };
+    Some(ProjectView {
+        id: v.get("id")?.as_u64()?,
+        path_with_namespace: s("path_with_namespace")?,
+        name: s("name").unwrap_or_default(),
+        default_branch: s("default_branch"),
+        web_url: s("web_url"),
+        access_level,
+    })
+}
+
+/// Reads the whole catalogue.
+pub async fn catalogue(state: &Arc<AppState>, id: &str) -> Result<Vec<ProjectView>, ApiError> {
+    let first_keyset = "/api/v4/projects?membership=true&min_access_level=30&pagination=keyset&order_by=id&sort=asc&per_page=100";
+    let first_offset =
+        "/api/v4/projects?membership=true&min_access_level=30&order_by=id&sort=asc&per_page=100";
+    let mut out = Vec::new();
+    let mut next = Some(first_keyset.to_string());
+    let mut pages = 0;
+    let mut tried_offset = false;
+    while let Some(target) = next.take() {
+        pages += 1;
+        if pages > MAX_PAGES {
+            return Err(ApiError::gitlab(
+                "GET /projects",
+                200,
+                &format!("more than {MAX_PAGES} pages"),
+            ));
+        }
+        let a = internal::call(state, id, Method::GET, &target, None).await?;
+        if a.status == 405 && !tried_offset && out.is_empty() {
+            tried_offset = true;
+            next = Some(first_offset.to_string());
+            continue;
+        }
+        if !a.ok() {
+            return Err(ApiError::gitlab("GET /projects", a.status, &a.error_text()));
+        }
+        let Value::Array(items) = a.json() else {
+            return Err(ApiError::gitlab(
+                "GET /projects",
+                a.status,
+                "the answer is not a JSON list",
+            ));
+        };
+        out.extend(items.iter().filter_map(project_view));
+        next = a.next_target(id);
+    }
+    out.sort_by_key(|p| p.id);
+    out.dedup_by_key(|p| p.id);
+    Ok(out)
+}
+
+/// `GET /v1/connections/{id}/projects`.
+pub async fn handle(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response<Body> {
+    if let Err(r) = authorize(&state, &headers) {
+        return *r;
+    }
+    if state.connections().get(&id).is_none() {
+        return ApiError::unknown(&id).into_response();
+    }
+    match catalogue(&state, &id).await {
+        Ok(p) => Json(serde_json::json!({"count": p.len(), "projects": p})).into_response(),
+        Err(e) => e.into_response(),
+    }
+}

@@ -1,0 +1,435 @@
+//! Test Connection (`POST /v1/connections/{id}/test`, `Admin/TestConnection`).
+//!
+//! Every check that talks to GitLab sends an ordinary request through the
+//! front door's code path ([`crate::frontdoor::internal`]): through the
+//! agent's tunnel in agent mode (so the agent's proxy, CA and, when it holds
+//! one, its own token are what is tested), or the direct client. gitproxy's
+//! error codes and GitLab's answers are mapped to the check they fail, with
+//! the fix an operator needs as hint. A check whose prerequisite failed, or
+//! that does not apply, is `skip`.
+
+use super::connections::authorize;
+use super::error::ApiError;
+use crate::config::{Connection, Mode};
+use crate::frontdoor::internal::{self, Answer};
+use crate::state::AppState;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::response::IntoResponse;
+use axum::Json;
+use gitproxy_shared::errors::{ErrorCode, GitproxyError};
+use http::{HeaderMap, Method, Response};
+use serde::Serialize;
+use std::sync::Arc;
+
+/// Scopes remediation needs.
+pub const REQUIRED_SCOPES: [&str; 3] = ["api", "read_repository", "write_repository"];
+
+/// Hint for token problems.
+const TOKEN_HINT: &str = "Create a new personal, group or project access token with scopes api, read_repository and write_repository and set it: PUT /v1/connections/{id} {\"token\": \"...\"} (or token/token_file in the config file; or the agent's GITPROXY_GITLAB_TOKEN when the agent holds the token).";
+
+/// One check.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    /// Name.
+    pub name: &'static str,
+    /// "pass", "fail" or "skip".
+    pub status: &'static str,
+    /// What was found.
+    pub detail: String,
+    /// What to do (failures).
+    pub hint: String,
+}
+
+/// The result.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// No check failed.
+    pub ok: bool,
+    /// The checks, in order.
+    pub checks: Vec<Check>,
+}
+
+fn pass(name: &'static str, detail: impl Into<String>) -> Check {
+    Check {
+        name,
+        status: "pass",
+        detail: detail.into(),
+        hint: String::new(),
+    }
+}
+
+fn fail(name: &'static str, detail: impl Into<String>, hint: impl Into<String>) -> Check {
+    Check {
+        name,
+        status: "fail",
+        detail: detail.into(),
+        hint: hint.into(),
+    }
+}
+
+fn skip(name: &'static str, detail: impl Into<String>) -> Check {
+    Check {
+        name,
+        status: "skip",
+        detail: detail.into(),
+        hint: String::new(),
+    }
+}
+
+const ORDER: [&str; 6] = [
+    "agent_connected",
+    "gitlab_reachable",
+    "tls_trusted",
+    "token_valid",
+    "token_scopes",
+    "projects_found",
+];
+
+struct Run {
+    checks: Vec<Check>,
+}
+
+impl Run {
+    fn push(&mut self, c: Check) {
+        self.checks.push(c);
+    }
+
+    fn failed(&self) -> bool {
+        self.checks.iter().any(|c| c.status == "fail")
+    }
+
+    /// Every remaining check skipped because of `why`.
+    fn skip_rest(mut self, why: &str) -> Report {
+        for name in ORDER.iter().skip(self.checks.len()) {
+            self.checks.push(skip(name, why));
+        }
+        self.finish()
+    }
+
+    fn finish(self) -> Report {
+        let ok = !self.failed();
+        Report {
+            ok,
+            checks: self.checks,
+        }
+    }
+}
+
+/// Why a token was refused, from GitLab's 401 body.
+fn token_refusal(a: &Answer) -> String {
+    let text = a.error_text();
+    let low = text.to_ascii_lowercase();
+    if low.contains("expired") {
+        format!("the token has expired (GitLab: {text})")
+    } else if low.contains("revoked") {
+        format!("the token was revoked (GitLab: {text})")
+    } else {
+        format!(
+            "GitLab does not accept the token: it is unknown, deleted or inactive (GitLab: {text})"
+        )
+    }
+}
+
+/// Runs every check for `conn`.
+pub async fn run(state: &Arc<AppState>, conn: &Arc<Connection>) -> Report {
+    let id = conn.id.as_str();
+    let mut r = Run { checks: Vec::new() };
+    // 1. agent_connected
+    let mut agent_token = false;
+    match conn.mode {
+        Mode::Direct => r.push(skip(
+            "agent_connected",
+            "direct mode: the broker calls GitLab itself",
+        )),
+        Mode::Agent => match state.registry.pick(id) {
+            Some(s) => {
+                agent_token = s.holds_token;
+                let n = state
+                    .registry
+                    .sessions(id)
+                    .iter()
+                    .filter(|s| !s.is_closed())
+                    .count();
+                r.push(pass(
+                    "agent_connected",
+                    format!(
+                        "{n} agent stream(s) connected; this test goes through {} (version {}){}",
+                        s.instance,
+                        s.version,
+                        if s.holds_token {
+                            ", which holds its own GitLab token"
+                        } else {
+                            ""
+                        }
+                    ),
+                ));
+            }
+            None => {
+                let hint = if conn.access_key_sha256.is_none() {
+                    format!("Issue an accessKey (POST /v1/connections/{id}/access-key) and deploy the agent with it (Helm value accessKey).")
+                } else {
+                    "Start the agent (Helm chart) with this connection's accessKey and check its logs: it must reach the broker's agent listener (through the corporate proxy if there is one).".to_string()
+                };
+                r.push(fail(
+                    "agent_connected",
+                    format!("no agent is connected for connection {id}"),
+                    hint,
+                ));
+                return r.skip_rest("needs a connected agent");
+            }
+        },
+    }
+
+    // 2. gitlab_reachable, 3. tls_trusted
+    let https = conn.gitlab_url.scheme() == "https";
+    let version = internal::call(state, id, Method::GET, "/api/v4/version", None).await;
+    match &version {
+        Ok(a) => {
+            let v = a.json();
+            let detail = match v.get("version").and_then(|v| v.as_str()) {
+                Some(ver) => format!("GitLab {ver} answered at {}", conn.gitlab_url),
+                None => format!("GitLab answered {} at {}", a.status, conn.gitlab_url),
+            };
+            r.push(pass("gitlab_reachable", detail));
+            r.push(if https {
+                pass("tls_trusted", "GitLab's certificate is trusted")
+            } else {
+                skip("tls_trusted", "GitLab is reached over http://")
+            });
+        }
+        Err(e) if e.error == ErrorCode::UpstreamTls => {
+            r.push(pass(
+                "gitlab_reachable",
+                "GitLab's host answered (the TLS handshake failed: see tls_trusted)",
+            ));
+            r.push(fail("tls_trusted", e.message.clone(), e.hint.clone()));
+            return r.skip_rest("needs a trusted TLS connection to GitLab");
+        }
+        Err(e) => {
+            r.push(fail("gitlab_reachable", reach_detail(e), e.hint.clone()));
+            return r.skip_rest("needs GitLab to be reachable");
+        }
+    }
+
+    // 4. token_valid
+    if conn.token.is_none() && !agent_token {
+        r.push(fail(
+            "token_valid",
+            "no GitLab token is configured for this connection (and the agent holds none)",
+            TOKEN_HINT.replace("{id}", id),
+        ));
+        return r.skip_rest("needs a valid token");
+    }
+    let me = internal::call(
+        state,
+        id,
+        Method::GET,
+        "/api/v4/personal_access_tokens/self",
+        None,
+    )
+    .await;
+    let me = match me {
+        Err(e) => {
+            r.push(fail("token_valid", reach_detail(&e), e.hint.clone()));
+            return r.skip_rest("needs a valid token");
+        }
+        Ok(a) => a,
+    };
+    let mut scopes: Option<Vec<String>> = None;
+    match me.status {
+        200 => {
+            let v = me.json();
+            let active = v.get("active").and_then(|x| x.as_bool()).unwrap_or(true);
+            let revoked = v.get("revoked").and_then(|x| x.as_bool()).unwrap_or(false);
+            if revoked || !active {
+                r.push(fail(
+                    "token_valid",
+                    format!(
+                        "the token is {}",
+                        if revoked { "revoked" } else { "inactive" }
+                    ),
+                    TOKEN_HINT.replace("{id}", id),
+                ));
+                return r.skip_rest("needs a valid token");
+            }
+            let name = v.get("name").and_then(|x| x.as_str()).unwrap_or("?");
+            let expires = v
+                .get("expires_at")
+                .and_then(|x| x.as_str())
+                .map(|d| format!(", expires {d}"))
+                .unwrap_or_else(|| ", never expires".into());
+            r.push(pass(
+                "token_valid",
+                format!("token {name:?} is active{expires}"),
+            ));
+            scopes = v.get("scopes").and_then(|s| s.as_array()).map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_string))
+                    .collect()
+            });
+        }
+        401 => {
+            r.push(fail(
+                "token_valid",
+                token_refusal(&me),
+                TOKEN_HINT.replace("{id}", id),
+            ));
+            return r.skip_rest("needs a valid token");
+        }
+        404 => {
+            // GitLab older than 15.5 has no /personal_access_tokens/self.
+            match internal::call(state, id, Method::GET, "/api/v4/user", None).await {
+                Ok(a) if a.ok() => r.push(pass(
+                    "token_valid",
+                    "the token is accepted (this GitLab cannot show the token's details)",
+                )),
+                Ok(a) if a.status == 401 => {
+                    r.push(fail(
+                        "token_valid",
+                        token_refusal(&a),
+                        TOKEN_HINT.replace("{id}", id),
+                    ));
+                    return r.skip_rest("needs a valid token");
+                }
+                Ok(a) => {
+                    r.push(fail(
+                        "token_valid",
+                        format!(
+                            "GitLab answered {} to GET /user: {}",
+                            a.status,
+                            a.error_text()
+                        ),
+                        TOKEN_HINT.replace("{id}", id),
+                    ));
+                    return r.skip_rest("needs a valid token");
+                }
+                Err(e) => {
+                    r.push(fail("token_valid", reach_detail(&e), e.hint.clone()));
+                    return r.skip_rest("needs a valid token");
+                }
+            }
+        }
+        s => {
+            r.push(fail(
+                "token_valid",
+                format!(
+                    "GitLab answered {s} to GET /personal_access_tokens/self: {}",
+                    me.error_text()
+                ),
+                TOKEN_HINT.replace("{id}", id),
+            ));
+            return r.skip_rest("needs a valid token");
+        }
+    }
+
+    // 5. token_scopes
+    let can_list = match &scopes {
+        None => {
+            r.push(skip(
+                "token_scopes",
+                "this GitLab does not show a token's scopes",
+            ));
+            true
+        }
+        Some(have) => {
+            let missing: Vec<&str> = REQUIRED_SCOPES
+                .iter()
+                .copied()
+                .filter(|s| !have.iter().any(|h| h == s))
+                .collect();
+            if missing.is_empty() {
+                r.push(pass("token_scopes", format!("scopes: {}", have.join(", "))));
+            } else {
+                r.push(fail(
+                    "token_scopes",
+                    format!(
+                        "the token lacks {} (it has: {})",
+                        missing.join(", "),
+                        if have.is_empty() {
+                            "none".to_string()
+                        } else {
+                            have.join(", ")
+                        }
+                    ),
+                    format!(
+                        "GitLab cannot add scopes to a token: create a new one with scopes api, read_repository and write_repository and set it (PUT /v1/connections/{id} {{\"token\": \"...\"}})."
+                    ),
+                ));
+            }
+            have.iter().any(|h| h == "api" || h == "read_api")
+        }
+    };
+
+    // 6. projects_found
+    if !can_list {
+        r.push(skip(
+            "projects_found",
+            "the token cannot read the API (needs scope api or read_api)",
+        ));
+        return r.finish();
+    }
+    match internal::call(
+        state,
+        id,
+        Method::GET,
+        "/api/v4/projects?membership=true&min_access_level=30&per_page=1&simple=true",
+        None,
+    )
+    .await
+    {
+        Ok(a) if a.ok() => {
+            let n = a.json().as_array().map(|v| v.len()).unwrap_or(0);
+            if n == 0 {
+                r.push(fail(
+                    "projects_found",
+                    "the token's user is Developer (or above) in no project",
+                    "Create the token at group level, or add its user to the projects as Developer (or above).",
+                ));
+            } else {
+                let total = a
+                    .headers
+                    .get("x-total")
+                    .and_then(|v| v.to_str().ok())
+                    .map(|t| format!("{t} project(s)"))
+                    .unwrap_or_else(|| "at least one project".into());
+                r.push(pass(
+                    "projects_found",
+                    format!("{total} with Developer role or above"),
+                ));
+            }
+        }
+        Ok(a) => r.push(fail(
+            "projects_found",
+            format!(
+                "GitLab answered {} to GET /projects: {}",
+                a.status,
+                a.error_text()
+            ),
+            "Check the token's scopes (api) and its user's memberships.",
+        )),
+        Err(e) => r.push(fail("projects_found", reach_detail(&e), e.hint.clone())),
+    }
+    r.finish()
+}
+
+fn reach_detail(e: &GitproxyError) -> String {
+    format!("{}: {}", e.error.as_str(), e.message)
+}
+
+/// `POST /v1/connections/{id}/test`.
+pub async fn handle(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response<Body> {
+    if let Err(r) = authorize(&state, &headers) {
+        return *r;
+    }
+    let Some(conn) = state.connections().get(&id) else {
+        return ApiError::unknown(&id).into_response();
+    };
+    let report = run(&state, &conn).await;
+    tracing::info!(connection = %id, ok = report.ok, failed = ?report.checks.iter().filter(|c| c.status == "fail").map(|c| c.name).collect::<Vec<_>>(), "test connection");
+    Json(report).into_response()
+}
