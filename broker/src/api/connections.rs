@@ -105,10 +105,7 @@ pub fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Box<Respon
 }
 
 /// `GET /v1/connections`.
-pub async fn list(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response<Body> {
-    if let Err(r) = authorize(&state, &headers) {
-        return *r;
-    }
+pub async fn list(State(state): State<Arc<AppState>>) -> Response<Body> {
     let connections: Vec<_> = state
         .connections()
         .all()
@@ -119,14 +116,7 @@ pub async fn list(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Res
 }
 
 /// `GET /v1/connections/{id}`.
-pub async fn get_one(
-    State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Response<Body> {
-    if let Err(r) = authorize(&state, &headers) {
-        return *r;
-    }
+pub async fn get_one(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response<Body> {
     match state.connections().get(&id) {
         Some(c) => Json(view(&state, &c)).into_response(),
         None => error_response(&GitproxyError::new(
@@ -194,12 +184,8 @@ fn check_id(id: &str) -> Result<(), ApiError> {
 pub async fn put(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-    headers: HeaderMap,
     body: bytes::Bytes,
 ) -> Response<Body> {
-    if let Err(r) = authorize(&state, &headers) {
-        return *r;
-    }
     match put_inner(&state, &id, &body).await {
         Ok((created, v)) => {
             let mut r = Json(v).into_response();
@@ -260,14 +246,7 @@ async fn put_inner(
 }
 
 /// `DELETE /v1/connections/{id}`.
-pub async fn delete(
-    State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Response<Body> {
-    if let Err(r) = authorize(&state, &headers) {
-        return *r;
-    }
+pub async fn delete(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response<Body> {
     let _w = state.write_lock.lock().await;
     if state.connections().get(&id).is_none() {
         return ApiError::unknown(&id).into_response();
@@ -300,11 +279,7 @@ pub async fn delete(
 pub async fn access_key(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-    headers: HeaderMap,
 ) -> Response<Body> {
-    if let Err(r) = authorize(&state, &headers) {
-        return *r;
-    }
     let _w = state.write_lock.lock().await;
     let Some(c) = state.connections().get(&id) else {
         return ApiError::unknown(&id).into_response();

@@ -36,9 +36,8 @@ pub fn router(
             crate::server::Listener::Api,
         ))
         .into_axum_router();
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
+    // Everything under /v1 needs the API key: one layer, not a check per handler.
+    let v1 = Router::new()
         .route("/v1/connections", get(connections::list))
         .route(
             "/v1/connections/{id}",
@@ -56,11 +55,31 @@ pub fn router(
             "/v1/connections/{id}/merge-requests",
             get(merge_requests::list).post(merge_requests::create),
         )
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .merge(v1)
         .route("/metrics", get(metrics))
         .route("/gitlab/{*rest}", any(frontdoor::handle))
         .with_state(state)
         .merge(grpc)
         .fallback(fallback)
+}
+
+/// Refuses `/v1` calls without the right `X-Gitproxy-Key`.
+async fn require_api_key(
+    State(state): State<Arc<AppState>>,
+    req: http::Request<axum::body::Body>,
+    next: axum::middleware::Next,
+) -> http::Response<axum::body::Body> {
+    match connections::authorize(&state, req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(r) => *r,
+    }
 }
 
 /// Anything else: CONNECT (never tunnelled) is a policy refusal, the rest
