@@ -12,6 +12,12 @@
 //!   reports on [`Upstream::dropped`].
 //! - `GET  /api/v4/hold` — answers headers, then one chunk, then waits forever.
 //! - `GET  /api/v4/stall` — never answers.
+//! - `GET  /api/v4/json1k[?delay_ms=D]` — exactly 1 KiB of JSON (after D ms);
+//!   the benchmark's small request. [`Upstream::peak_concurrent`] reports how
+//!   many were being answered at once.
+//! - `GET  /api/v4/blob?n=N` — N bytes cut from one prebuilt 64 KiB chunk
+//!   (no per-byte work: the benchmark's fast bulk source).
+//! - `POST /api/v4/sink` — reads and discards the body; answers `{"len": N}`.
 
 use super::pattern::{Pattern, Verifier};
 use bytes::Bytes;
@@ -22,7 +28,8 @@ use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -36,6 +43,7 @@ pub struct Upstream {
     log: Arc<Mutex<Vec<(String, String, http::HeaderMap)>>>,
     dropped_rx: tokio::sync::Mutex<mpsc::Receiver<Instant>>,
     stop: CancellationToken,
+    peak: Arc<AtomicUsize>,
 }
 
 impl Drop for Upstream {
@@ -47,6 +55,42 @@ impl Drop for Upstream {
 struct Shared {
     log: Arc<Mutex<Vec<(String, String, http::HeaderMap)>>>,
     dropped: mpsc::Sender<Instant>,
+    busy: AtomicUsize,
+    peak: Arc<AtomicUsize>,
+}
+
+/// Size of the `/api/v4/json1k` body.
+pub const JSON1K_LEN: usize = 1024;
+
+/// The `/api/v4/json1k` body: a GitLab-like JSON object of exactly 1 KiB.
+pub fn json1k() -> Bytes {
+    static BODY: OnceLock<Bytes> = OnceLock::new();
+    BODY.get_or_init(|| {
+        let head = r#"{"id":42,"name":"webapp","path_with_namespace":"demo-group/webapp","default_branch":"main","description":""#;
+        let tail = r#""}"#;
+        let mut s = String::from(head);
+        while s.len() + tail.len() < JSON1K_LEN {
+            s.push('x');
+        }
+        s.push_str(tail);
+        Bytes::from(s)
+    })
+    .clone()
+}
+
+fn blob_chunk() -> Bytes {
+    static CHUNK: OnceLock<Bytes> = OnceLock::new();
+    CHUNK
+        .get_or_init(|| Pattern::new(99).chunk(64 * 1024))
+        .clone()
+}
+
+/// Decrements the busy gauge when dropped.
+struct Busy<'a>(&'a AtomicUsize);
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Sends the instant it is dropped.
@@ -80,6 +124,70 @@ fn full(status: u16, body: impl Into<Bytes>) -> Response<Body> {
 
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_string();
+    // The benchmark's endpoints skip the request log (it would grow by the
+    // million).
+    match (req.method().as_str(), path.as_str()) {
+        ("GET", "/api/v4/json1k") => {
+            let n = shared.busy.fetch_add(1, Ordering::Relaxed) + 1;
+            let _busy = Busy(&shared.busy);
+            shared.peak.fetch_max(n, Ordering::Relaxed);
+            let delay: u64 = query(&req, "delay_ms")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            if delay > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+            }
+            let mut r = Response::new(
+                Full::new(json1k())
+                    .map_err(|e: Infallible| match e {})
+                    .boxed(),
+            );
+            r.headers_mut()
+                .insert("content-type", "application/json".parse().unwrap());
+            return Ok(r);
+        }
+        ("GET", "/api/v4/blob") => {
+            let n: u64 = query(&req, "n").and_then(|v| v.parse().ok()).unwrap_or(0);
+            let chunk = blob_chunk();
+            let mut left = n;
+            let stream = futures::stream::poll_fn(move |_| {
+                if left == 0 {
+                    return std::task::Poll::Ready(None);
+                }
+                let k = left.min(chunk.len() as u64) as usize;
+                left -= k as u64;
+                std::task::Poll::Ready(Some(Ok::<_, std::io::Error>(Frame::data(chunk.slice(..k)))))
+            });
+            let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+            r.headers_mut().insert("content-length", n.into());
+            r.headers_mut()
+                .insert("content-type", "application/octet-stream".parse().unwrap());
+            return Ok(r);
+        }
+        ("POST", "/api/v4/sink") => {
+            let mut len = 0u64;
+            let mut body = req.into_body();
+            let mut failed = None;
+            while let Some(f) = body.frame().await {
+                match f {
+                    Ok(f) => {
+                        if let Some(d) = f.data_ref() {
+                            len += d.len() as u64;
+                        }
+                    }
+                    Err(e) => {
+                        failed = Some(e.to_string());
+                        break;
+                    }
+                }
+            }
+            return Ok(full(
+                200,
+                serde_json::json!({"len": len, "error": failed}).to_string(),
+            ));
+        }
+        _ => {}
+    }
     shared.log.lock().unwrap().push((
         req.method().to_string(),
         req.uri()
@@ -202,9 +310,12 @@ impl Upstream {
         let addr = listener.local_addr().expect("addr");
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = mpsc::channel(16);
+        let peak = Arc::new(AtomicUsize::new(0));
         let shared = Arc::new(Shared {
             log: log.clone(),
             dropped: tx,
+            busy: AtomicUsize::new(0),
+            peak: peak.clone(),
         });
         let stop = CancellationToken::new();
         let stop2 = stop.clone();
@@ -234,7 +345,14 @@ impl Upstream {
             log,
             dropped_rx: tokio::sync::Mutex::new(rx),
             stop,
+            peak,
         }
+    }
+
+    /// The most `/api/v4/json1k` requests answered at once since the last
+    /// call (the gauge is reset).
+    pub fn peak_concurrent(&self) -> usize {
+        self.peak.swap(0, Ordering::Relaxed)
     }
 
     /// Base URL.
