@@ -504,3 +504,81 @@ async fn agent_opens_no_listening_socket() {
         "the agent's connection to the broker was not found"
     );
 }
+
+/// Test Connection (issue 5) through the same path as real traffic names the
+/// TLS and proxy fixes: an unknown GitLab CA fails `tls_trusted` with the
+/// customCaCert hint; a proxy that cannot reach GitLab fails
+/// `gitlab_reachable` with the noProxy hint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_connection_names_tls_and_proxy_fixes() {
+    let dir = tempfile::tempdir().unwrap();
+    let gitlab_ca = Ca::new("GitLab CA");
+    let (_sb, port) = https_gitlab(&gitlab_ca, dir.path()).await;
+    let proxy = Proxy::start(None).await;
+    const KEY2: &str = "enterprise-second-key-0123456789";
+    let broker = Broker::start(BrokerSpec {
+        connections: vec![
+            ConnSpec::agent("acme", &format!("https://localhost:{port}"), KEY).token(TOKEN),
+            ConnSpec::agent("internal", &format!("https://{INTERNAL_HOST}:{port}"), KEY2)
+                .token(TOKEN),
+        ],
+        ..BrokerSpec::default()
+    })
+    .await;
+    let ca_file = gitlab_ca.write(dir.path(), "gitlab-ca.pem");
+    let (rk, rv) = resolve_env();
+    let _no_ca = Agent::start("no-ca", &broker.agent_url(), KEY, &[]).await;
+    let _via_proxy = Agent::start(
+        "via-proxy",
+        &broker.agent_url(),
+        KEY2,
+        &[
+            ("HTTPS_PROXY", &proxy.url()),
+            ("NO_PROXY", "localhost,127.0.0.1"),
+            ("GITPROXY_CA_CERT_FILE", ca_file.to_str().unwrap()),
+            (rk, &rv),
+        ],
+    )
+    .await;
+    let c = client();
+    let check = |conn: &'static str| {
+        let c = c.clone();
+        let url = format!("{}/v1/connections/{conn}/test", broker.api());
+        async move {
+            let r = c.post(url).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            serde_json::from_slice::<serde_json::Value>(&r.bytes().await.unwrap()).unwrap()
+        }
+    };
+    let status = |report: &serde_json::Value, name: &str| -> (String, String) {
+        let c = report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no check {name}: {report:#}"))
+            .clone();
+        (
+            c["status"].as_str().unwrap().to_string(),
+            c["hint"].as_str().unwrap_or("").to_string(),
+        )
+    };
+
+    let report = check("acme").await;
+    assert_eq!(report["ok"], false, "{report:#}");
+    assert_eq!(status(&report, "gitlab_reachable").0, "pass", "{report:#}");
+    let (s, hint) = status(&report, "tls_trusted");
+    assert_eq!(s, "fail", "{report:#}");
+    assert!(hint.contains("customCaCert"), "{report:#}");
+
+    let report = check("internal").await;
+    assert_eq!(report["ok"], false, "{report:#}");
+    let (s, hint) = status(&report, "gitlab_reachable");
+    assert_eq!(s, "fail", "{report:#}");
+    assert!(
+        hint.contains("noProxy") && hint.contains(INTERNAL_HOST),
+        "{report:#}"
+    );
+    assert_eq!(status(&report, "tls_trusted").0, "skip", "{report:#}");
+    broker.proc.assert_no_secrets(&[KEY, KEY2, TOKEN]);
+}
