@@ -702,7 +702,10 @@ async fn agent_sigterm_finishes_in_flight_requests() {
     let c = client();
     let n = 32u64 << 20;
     let r = c
-        .get(format!("{}/api/v4/bytes?n={n}&seed=21", broker.front("acme")))
+        .get(format!(
+            "{}/api/v4/bytes?n={n}&seed=21",
+            broker.front("acme")
+        ))
         .send()
         .await
         .unwrap();
@@ -711,14 +714,24 @@ async fn agent_sigterm_finishes_in_flight_requests() {
     let mut v = Verifier::new(21);
     assert!(v.feed(&body.next().await.unwrap().unwrap()));
     agents[0].proc.signal(libc::SIGTERM);
-    broker.proc.wait_for_message("the agent is draining", WAIT).await;
+    broker
+        .proc
+        .wait_for_message("the agent is draining", WAIT)
+        .await;
     while let Some(chunk) = body.next().await {
         assert!(v.feed(&chunk.expect("the download was cut by the agent's shutdown")));
     }
     assert_eq!(v.len, n);
     assert!(v.finish().0);
-    let status = agents[0].proc.wait_exit(WAIT).await.expect("the agent did not exit");
+    let status = agents[0]
+        .proc
+        .wait_exit(WAIT)
+        .await
+        .expect("the agent did not exit");
     assert!(status.success(), "{status:?}");
-    agents[0].proc.wait_for_message("gitproxy-agent stopped", WAIT).await;
+    agents[0]
+        .proc
+        .wait_for_message("gitproxy-agent stopped", WAIT)
+        .await;
     no_secrets(&broker, &agents);
 }
