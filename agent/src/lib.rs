@@ -47,7 +47,9 @@ pub fn main_with(cli: Cli) -> ExitCode {
             };
             rt.block_on(async move {
                 let shutdown = tokio_util::sync::CancellationToken::new();
-                tokio::spawn(shutdown_on_signal(shutdown.clone()));
+                tokio::spawn(gitproxy_shared::signal::shutdown_on_signal(
+                    shutdown.clone(),
+                ));
                 supervisor::run(std::sync::Arc::new(cfg), shutdown).await
             });
             ExitCode::SUCCESS
@@ -74,22 +76,4 @@ pub fn main_with(cli: Cli) -> ExitCode {
             }
         }
     }
-}
-
-/// Cancels `token` on SIGTERM or SIGINT.
-pub async fn shutdown_on_signal(token: tokio_util::sync::CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    tracing::info!("shutdown requested: draining in-flight requests");
-    token.cancel();
 }

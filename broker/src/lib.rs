@@ -80,7 +80,9 @@ pub fn main_with(cli: Cli) -> ExitCode {
     let result = rt.block_on(async move {
         let listeners = server::Listeners::bind(&cfg).await?;
         let shutdown = CancellationToken::new();
-        tokio::spawn(shutdown_on_signal(shutdown.clone()));
+        tokio::spawn(gitproxy_shared::signal::shutdown_on_signal(
+            shutdown.clone(),
+        ));
         tracing::info!(
             version = gitproxy_shared::VERSION,
             connections = connections.all().len(),
@@ -97,22 +99,4 @@ pub fn main_with(cli: Cli) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// Cancels `token` on SIGTERM or SIGINT.
-pub async fn shutdown_on_signal(token: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    tracing::info!("shutdown requested: draining agents and in-flight requests");
-    token.cancel();
 }

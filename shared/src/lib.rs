@@ -12,12 +12,14 @@
 //! - [`tls`]: trust stores (public roots plus customer CAs) and server identities.
 //! - [`secret`]: a string whose `Debug`/`Display` never show the value.
 //! - [`logging`]: `tracing` set-up, text or JSON.
+//! - [`signal`]: the start of both programs' shutdown tree.
 
 pub mod errors;
 pub mod headers;
 pub mod logging;
 pub mod policy;
 pub mod secret;
+pub mod signal;
 pub mod tls;
 pub mod tunnel;
 pub mod upstream;
