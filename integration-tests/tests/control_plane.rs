@@ -14,7 +14,7 @@ use gitproxy_integration_tests::sandbox::{
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
@@ -467,13 +467,9 @@ async fn test_connection_names_the_failing_check() {
         assert_eq!(s, 200);
         assert_all_ok(&test_conn(&b, conn).await);
     }
-    gl.sb.shutdown();
-    // Wait until the port is really closed.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while tokio::net::TcpStream::connect(gl.addr).await.is_ok() {
-        assert!(tokio::time::Instant::now() < deadline, "sandbox still up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    tokio::time::timeout(WAIT, gl.sb.shutdown_and_wait())
+        .await
+        .expect("the sandbox did not close its listener");
     for conn in ["acme", "acme-direct"] {
         let r = test_conn(&b, conn).await;
         let (name, detail, hint) = single_failure(&r);
@@ -515,7 +511,8 @@ async fn token_rotation_takes_effect_at_once_without_failures() {
 
     // Requests stream a 2 MB file in a loop while the token is rotated.
     let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicUsize::new(0));
+    // Completed requests, published so the test waits on progress, not time.
+    let done = Arc::new(tokio::sync::watch::Sender::new(0usize));
     let target = format!(
         "{}/api/v4/projects/{pid}/repository/files/big.txt/raw?ref=main",
         b.front("acme")
@@ -543,19 +540,18 @@ async fn token_rotation_takes_effect_at_once_without_failures() {
                     }
                     Err(e) => failures.push(format!("send: {e}")),
                 }
-                done.fetch_add(1, Ordering::SeqCst);
+                done.send_modify(|n| *n += 1);
             }
             failures
         }));
     }
     let wait_done = |n: usize| {
-        let done = done.clone();
+        let mut rx = done.subscribe();
         async move {
-            let deadline = tokio::time::Instant::now() + WAIT;
-            while done.load(Ordering::SeqCst) < n {
-                assert!(tokio::time::Instant::now() < deadline, "traffic stalled");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            tokio::time::timeout(WAIT, rx.wait_for(|d| *d >= n))
+                .await
+                .expect("traffic stalled")
+                .expect("progress channel closed");
         }
     };
     wait_done(12).await;
@@ -569,7 +565,7 @@ async fn token_rotation_takes_effect_at_once_without_failures() {
     assert_eq!(s, 200, "{v}");
     // The old token is revoked right after: requests must already use the new one.
     gl.sb.revoke_token(GOOD);
-    let after = done.load(Ordering::SeqCst);
+    let after = *done.borrow();
     wait_done(after + 24).await;
     stop.store(true, Ordering::SeqCst);
     for t in tasks {

@@ -14,7 +14,7 @@ use gitproxy_integration_tests::harness;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The pip packages the script imports (import name, package name).
 const PACKAGES: &[(&str, &str)] = &[
@@ -131,20 +131,23 @@ fn helm_charts_lint_render_validate_and_run() {
         let _ = stderr.read_to_string(&mut s);
         s
     });
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for helm_check.py") {
-            break status;
-        }
-        if started.elapsed() > SCRIPT_TIMEOUT {
-            let _ = child.kill();
-            let _ = child.wait();
+    // The exit itself is the signal: a thread waits on the child and reports.
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    let status = match rx.recv_timeout(SCRIPT_TIMEOUT) {
+        Ok(status) => status.expect("wait for helm_check.py"),
+        Err(_) => {
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
+            }
             panic!(
                 "helm_check.py did not finish within {SCRIPT_TIMEOUT:?}:\n{}",
                 out_reader.join().unwrap_or_default()
             );
         }
-        std::thread::sleep(Duration::from_millis(100));
     };
     let out = out_reader.join().unwrap_or_default();
     let err = err_reader.join().unwrap_or_default();

@@ -76,26 +76,23 @@ impl Proc {
             .collect()
     }
 
-    /// Waits until `n` JSON lines match `pred`, returning the n-th.
-    pub async fn wait_for_nth(
+    /// Waits until `look` finds something in the lines so far, re-looking at
+    /// each new line (the signal) and once more when the output closes.
+    async fn wait_until<T>(
         &self,
-        n: usize,
+        what: &str,
         timeout: Duration,
-        pred: impl Fn(&Value) -> bool,
-    ) -> Value {
+        look: impl Fn(&[String]) -> Option<T>,
+    ) -> T {
         let mut rx = self.count.clone();
         let fut = async {
             loop {
-                let found: Vec<Value> = self.json_lines().into_iter().filter(|v| pred(v)).collect();
-                if found.len() >= n {
-                    return found[n - 1].clone();
+                if let Some(found) = look(&self.lines()) {
+                    return found;
                 }
                 if rx.changed().await.is_err() {
-                    // The process closed its output; one last look.
-                    let found: Vec<Value> =
-                        self.json_lines().into_iter().filter(|v| pred(v)).collect();
-                    if found.len() >= n {
-                        return found[n - 1].clone();
+                    if let Some(found) = look(&self.lines()) {
+                        return found;
                     }
                     futures::future::pending::<()>().await;
                 }
@@ -104,7 +101,7 @@ impl Proc {
         match tokio::time::timeout(timeout, fut).await {
             Ok(v) => v,
             Err(_) => panic!(
-                "{}: timed out after {timeout:?} waiting for a log line; last lines:\n{}",
+                "{}: timed out after {timeout:?} waiting for {what}; last lines:\n{}",
                 self.name,
                 self.lines()
                     .iter()
@@ -118,34 +115,29 @@ impl Proc {
         }
     }
 
+    /// Waits until `n` JSON lines match `pred`, returning the n-th.
+    pub async fn wait_for_nth(
+        &self,
+        n: usize,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        self.wait_until("a log line", timeout, |lines| {
+            lines
+                .iter()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .filter(|v| pred(v))
+                .nth(n - 1)
+        })
+        .await
+    }
+
     /// Waits for the first raw line containing `needle`.
     pub async fn wait_for_text(&self, needle: &str, timeout: Duration) -> String {
-        let mut rx = self.count.clone();
-        let fut = async {
-            loop {
-                if let Some(l) = self.lines().into_iter().find(|l| l.contains(needle)) {
-                    return l;
-                }
-                if rx.changed().await.is_err() {
-                    futures::future::pending::<()>().await;
-                }
-            }
-        };
-        match tokio::time::timeout(timeout, fut).await {
-            Ok(l) => l,
-            Err(_) => panic!(
-                "{}: timed out after {timeout:?} waiting for {needle:?}; last lines:\n{}",
-                self.name,
-                self.lines()
-                    .iter()
-                    .rev()
-                    .take(30)
-                    .rev()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            ),
-        }
+        self.wait_until(&format!("{needle:?}"), timeout, |lines| {
+            lines.iter().find(|l| l.contains(needle)).cloned()
+        })
+        .await
     }
 
     /// Waits for the first JSON line whose `message` equals `msg`.

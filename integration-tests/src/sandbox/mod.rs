@@ -157,6 +157,7 @@ impl Inner {
 pub struct Sandbox {
     inner: Arc<Inner>,
     stop: CancellationToken,
+    closed: CancellationToken,
     _guard: Arc<DropGuard>,
 }
 
@@ -196,14 +197,17 @@ impl Sandbox {
             repo_locks: Mutex::new(HashMap::new()),
         });
         let stop = CancellationToken::new();
+        let closed = CancellationToken::new();
         tokio::spawn(server::accept_loop(
             inner.clone(),
             listener,
             tls,
             stop.clone(),
+            closed.clone(),
         ));
         let sb = Sandbox {
             inner,
+            closed,
             _guard: Arc::new(stop.clone().drop_guard()),
             stop,
         };
@@ -213,6 +217,12 @@ impl Sandbox {
     /// Stops serving now (all clones).
     pub fn shutdown(&self) {
         self.stop.cancel();
+    }
+
+    /// Stops serving and waits until the listening socket is closed.
+    pub async fn shutdown_and_wait(&self) {
+        self.stop.cancel();
+        self.closed.cancelled().await;
     }
 
     /// A token cancelled when the sandbox stops.

@@ -108,13 +108,16 @@ where
     }
 }
 
-/// Accepts connections until `stop` is cancelled.
+/// Accepts connections until `stop` is cancelled, then closes the listening
+/// socket and cancels `closed`.
 pub async fn accept_loop(
     inner: Arc<Inner>,
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     stop: CancellationToken,
+    closed: CancellationToken,
 ) {
+    let _closed = closed.drop_guard();
     loop {
         let (tcp, _peer) = tokio::select! {
             _ = stop.cancelled() => break,
@@ -143,4 +146,6 @@ pub async fn accept_loop(
             }
         });
     }
+    // Parameters outlive locals: close the socket before `_closed` fires.
+    drop(listener);
 }
