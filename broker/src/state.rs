@@ -105,7 +105,11 @@ impl AppState {
     pub fn try_acquire(&self, conn_id: &str, max: usize) -> Option<InFlightGuard> {
         let counter = {
             let mut map = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-            map.entry(conn_id.to_string()).or_default().clone()
+            // Look up first: the key is allocated once per connection, not per request.
+            match map.get(conn_id) {
+                Some(c) => c.clone(),
+                None => map.entry(conn_id.to_string()).or_default().clone(),
+            }
         };
         let prev = counter.fetch_add(1, Ordering::AcqRel);
         if prev >= max {
