@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
 use tracing::{info, warn};
 
 /// The bound listeners (bound before `run`, so callers know the addresses).
@@ -216,7 +217,6 @@ async fn serve_api(
     grace: Duration,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let service = TowerToHyperService::new(router);
     let mut http = auto::Builder::new(TokioExecutor::new());
     http.http2()
         .initial_stream_window_size(4 * 1024 * 1024)
@@ -234,7 +234,15 @@ async fn serve_api(
             },
         };
         let _ = stream.set_nodelay(true);
-        let service = service.clone();
+        // The peer travels with each request: X-Forwarded-* are believed
+        // only from trusted proxies (frontdoor::origin).
+        let service = TowerToHyperService::new(router.clone().map_request(
+            move |mut r: http::Request<hyper::body::Incoming>| {
+                r.extensions_mut()
+                    .insert(crate::frontdoor::origin::PeerAddr(peer));
+                r
+            },
+        ));
         let http = http.clone();
         match &tls {
             None => {

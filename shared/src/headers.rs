@@ -17,6 +17,25 @@ const HOP_BY_HOP: [&str; 9] = [
     "upgrade",
 ];
 
+/// Headers in which a client or a proxy states who the client is or which
+/// URL it used. A cloud caller's values would reach GitLab as the customer's
+/// proxies' word (GitLab trusts them for its audit log, rate limits and
+/// generated URLs), so they never travel to GitLab.
+const CLIENT_IDENTITY: [&str; 12] = [
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-scheme",
+    "x-forwarded-ssl",
+    "x-real-ip",
+    "client-ip",
+    "x-client-ip",
+    "true-client-ip",
+];
+
 /// Prefix of gitproxy's own headers, stripped before anything reaches GitLab.
 pub const GITPROXY_PREFIX: &str = "x-gitproxy-";
 
@@ -43,15 +62,19 @@ fn connection_listed(headers: &HeaderMap) -> Vec<String> {
 }
 
 /// Request headers as they travel to GitLab: without hop-by-hop,
-/// `X-Gitproxy-*`, `Host` (the upstream client sets its own) and
-/// `Content-Length` (carried as the head's `content_length`).
+/// `X-Gitproxy-*`, `Host` (the upstream client sets its own),
+/// `Content-Length` (carried as the head's `content_length`) and the
+/// client-identity headers (`Forwarded`, `X-Forwarded-*`, `X-Real-IP`, ...).
 pub fn request_to_wire(headers: &HeaderMap) -> Vec<Header> {
     let listed = connection_listed(headers);
     headers
         .iter()
         .filter(|(n, _)| {
             let n = n.as_str();
-            !is_dropped(n, &listed) && n != "host" && n != "content-length"
+            !is_dropped(n, &listed)
+                && n != "host"
+                && n != "content-length"
+                && !CLIENT_IDENTITY.contains(&n)
         })
         .map(|(n, v)| Header {
             name: n.as_str().to_string(),
@@ -123,6 +146,10 @@ mod tests {
         h.insert("content-length", HeaderValue::from_static("3"));
         h.insert("private-token", HeaderValue::from_static("t"));
         h.insert("accept", HeaderValue::from_static("application/json"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        h.insert("forwarded", HeaderValue::from_static("for=10.0.0.1"));
+        h.insert("x-real-ip", HeaderValue::from_static("10.0.0.1"));
+        h.insert("x-forwarded-host", HeaderValue::from_static("evil"));
         let wire = request_to_wire(&h);
         let names: Vec<_> = wire.iter().map(|h| h.name.as_str()).collect();
         assert_eq!(names.len(), 2, "{names:?}");

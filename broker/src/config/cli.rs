@@ -85,6 +85,20 @@ pub struct ServeArgs {
     /// (must match the agents' GITPROXY_ALLOW_PATH_PREFIXES).
     #[arg(long, env = "GITPROXY_ALLOW_PATH_PREFIXES", value_delimiter = ',')]
     pub allow_path_prefix: Vec<String>,
+    /// The front door's public base URL as callers reach it (e.g.
+    /// https://gitproxy.example.com): GitLab's Link/Location headers are
+    /// rewritten to it. Without it, the request's Host is used.
+    #[arg(long, env = "GITPROXY_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Load balancers or ingresses (IPs or CIDRs, comma-separated) whose
+    /// X-Forwarded-Proto / X-Forwarded-Host headers are believed; from
+    /// anyone else they are ignored.
+    #[arg(
+        long = "trusted-proxy",
+        env = "GITPROXY_TRUSTED_PROXIES",
+        value_delimiter = ','
+    )]
+    pub trusted_proxies: Vec<String>,
     /// PEM bundle of extra CAs trusted for direct-mode GitLabs.
     #[arg(long, env = "GITPROXY_CA_CERT_FILE")]
     pub ca_cert_file: Option<PathBuf>,

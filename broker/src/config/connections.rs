@@ -116,7 +116,29 @@ impl ConnectionSet {
                 bail!("connection id {:?} appears twice", c.id);
             }
         }
+        set.check_unique_access_keys()?;
         Ok(set)
+    }
+
+    /// One accessKey opens one connection: two connections with the same
+    /// hash would let one tenant's agent receive another tenant's traffic
+    /// and token.
+    fn check_unique_access_keys(&self) -> anyhow::Result<()> {
+        let mut owner: HashMap<&str, &str> = HashMap::new();
+        let mut all: Vec<&Arc<Connection>> = self.by_id.values().collect();
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        for c in all {
+            let Some(h) = c.access_key_sha256.as_deref() else {
+                continue;
+            };
+            if let Some(first) = owner.insert(h, c.id.as_str()) {
+                bail!(
+                    "connections {first:?} and {:?} have the same access_key_sha256: every connection needs its own accessKey (gitproxy-broker keygen, or POST /v1/connections/{{id}}/access-key)",
+                    c.id
+                );
+            }
+        }
+        Ok(())
     }
 
     /// The file's connections merged with the API store's: a field set
@@ -185,6 +207,7 @@ impl ConnectionSet {
                 .with_context(|| format!("connection {:?}", c.id))?;
             set.by_id.insert(conn.id.clone(), Arc::new(conn));
         }
+        set.check_unique_access_keys()?;
         Ok(set)
     }
 
@@ -218,12 +241,18 @@ impl ConnectionSet {
     pub fn find_by_access_key(&self, key: &str) -> Option<Arc<Connection>> {
         let hash = sha256_hex(key.as_bytes());
         let mut found = None;
+        let mut matches = 0usize;
         for c in self.by_id.values() {
             if let Some(h) = &c.access_key_sha256 {
                 if ct_eq(h.as_bytes(), hash.as_bytes()) && c.mode == Mode::Agent {
                     found = Some(c.clone());
+                    matches += 1;
                 }
             }
+        }
+        // Refused when loading; never pick one of two tenants at random.
+        if matches > 1 {
+            return None;
         }
         found
     }
@@ -406,6 +435,37 @@ mod tests {
         assert!(set.api_key_ok(Some(b"api")));
         assert!(!set.api_key_ok(Some(b"nope")));
         assert!(!set.api_key_ok(None));
+    }
+
+    #[test]
+    fn refuses_a_shared_access_key() {
+        let file = FileConfig {
+            connections: vec![
+                conn("acme", "agent", Some("same")),
+                conn("beta", "agent", Some("same")),
+            ],
+            ..FileConfig::default()
+        };
+        let e = ConnectionSet::from_file(&file, None, b"").unwrap_err();
+        let text = format!("{e:#}");
+        assert!(text.contains("same access_key_sha256"), "{text}");
+        assert!(!text.contains(&sha256_hex(b"same")), "{text}");
+        // The file's hash reused by an API-made connection: refused too.
+        let file = FileConfig {
+            connections: vec![conn("acme", "agent", Some("same"))],
+            ..FileConfig::default()
+        };
+        let mut api = BTreeMap::new();
+        api.insert(
+            "beta".to_string(),
+            StoredConnection {
+                mode: Some("agent".into()),
+                gitlab_url: Some("https://gitlab.example".into()),
+                access_key_sha256: Some(sha256_hex(b"same")),
+                ..StoredConnection::default()
+            },
+        );
+        assert!(ConnectionSet::from_sources(&file, None, &api, b"").is_err());
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod file;
 pub use cli::{Cli, Command, ServeArgs};
 pub use connections::{Connection, ConnectionSet, Mode};
 
+use crate::frontdoor::origin::TrustedProxies;
 use anyhow::{bail, Context};
 use gitproxy_shared::policy::Policy;
 use gitproxy_shared::tunnel::FlowSettings;
@@ -66,6 +67,10 @@ pub struct BrokerConfig {
     pub policy: Policy,
     /// Extra CAs (PEM) for direct-mode GitLabs.
     pub extra_ca_pem: Vec<u8>,
+    /// The front door's public base URL (Link/Location rewriting).
+    pub public_url: Option<url::Url>,
+    /// Proxies whose X-Forwarded-* headers are believed.
+    pub trusted_proxies: TrustedProxies,
 }
 
 impl BrokerConfig {
@@ -112,6 +117,19 @@ impl BrokerConfig {
                 "the api listener {api_listen} is not on loopback and no API key is configured: add api_keys_sha256 to the config file (gitproxy-broker keygen makes one), or bind it to 127.0.0.1"
             );
         }
+        let public_url = a
+            .public_url
+            .clone()
+            .or(file.public_url.clone())
+            .filter(|u| !u.trim().is_empty())
+            .map(|u| parse_public_url(&u))
+            .transpose()?;
+        let trusted_proxies = TrustedProxies::parse(if a.trusted_proxies.is_empty() {
+            &file.trusted_proxies
+        } else {
+            &a.trusted_proxies
+        })
+        .map_err(anyhow::Error::msg)?;
         let flow = FlowSettings {
             window_bytes: a.window_bytes,
             ..FlowSettings::default()
@@ -141,8 +159,31 @@ impl BrokerConfig {
             shutdown_grace: a.shutdown_grace,
             policy,
             extra_ca_pem,
+            public_url,
+            trusted_proxies,
         })
     }
+}
+
+/// `--public-url`: an http(s) URL with a host and optional path, nothing else.
+fn parse_public_url(s: &str) -> anyhow::Result<url::Url> {
+    let bad = || {
+        anyhow::anyhow!(
+            "--public-url {:?} must be an http:// or https:// URL with a host and an optional path, without credentials, query or fragment",
+            gitproxy_shared::secret::redact_url(s)
+        )
+    };
+    let u = url::Url::parse(s.trim()).map_err(|_| bad())?;
+    if !matches!(u.scheme(), "http" | "https")
+        || u.host_str().is_none()
+        || !u.username().is_empty()
+        || u.password().is_some()
+        || s.contains('?')
+        || s.contains('#')
+    {
+        return Err(bad());
+    }
+    Ok(u)
 }
 
 fn pick_addr(

@@ -3,6 +3,7 @@
 
 use super::body::{Guards, Logged, Obs, RequestLog, SyncBody};
 use super::credentials;
+use super::origin::{self, FrontBase};
 use super::rewrite::Rewriter;
 use super::target::Target;
 use crate::config::Connection;
@@ -22,35 +23,16 @@ fn content_length(h: &HeaderMap) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// The front-door base the caller used, for rewriting GitLab's URLs.
-fn front_base(state: &AppState, conn: &Connection, h: &HeaderMap) -> String {
-    let header = |n: &str| {
-        h.get(n)
-            .and_then(|v| v.to_str().ok())
-            .map(|v| v.split(',').next().unwrap_or("").trim().to_string())
-    };
-    let scheme = header("x-forwarded-proto")
-        .filter(|s| s == "http" || s == "https")
-        .unwrap_or_else(|| {
-            if state.config.api_tls.is_some() {
-                "https".into()
-            } else {
-                "http".into()
-            }
-        });
-    let host = header("x-forwarded-host")
-        .or_else(|| header("host"))
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| state.config.api_listen.to_string());
-    format!("{scheme}://{host}/gitlab/{}", conn.id)
-}
-
-fn rewriter(state: &AppState, conn: &Connection, h: &HeaderMap) -> Rewriter {
+fn rewriter(state: &AppState, conn: &Connection, parts: &http::request::Parts) -> Rewriter {
     let mut origins = vec![conn.gitlab_url.to_string()];
     if let Some(e) = &conn.external_url {
         origins.push(e.to_string());
     }
-    Rewriter::new(origins, front_base(state, conn, h))
+    let front = match parts.extensions.get::<FrontBase>() {
+        Some(b) => b.0.clone(),
+        None => origin::front_base(state, &conn.id, parts),
+    };
+    Rewriter::new(origins, front)
 }
 
 /// Rebuilds GitLab's answer for the caller: hop-by-hop headers dropped,
@@ -169,7 +151,7 @@ pub async fn via_agent(
         }
     };
     let (guard, bytes_in) = guard;
-    let hdrs = answer_headers(&answer.headers, &rewriter(state, conn, &parts.headers))?;
+    let hdrs = answer_headers(&answer.headers, &rewriter(state, conn, &parts))?;
     let log = RequestLog {
         connection: conn.id.clone(),
         request_id: guard.id(),
@@ -248,7 +230,7 @@ pub async fn direct(
     };
     let status = resp.status().as_u16();
     let wire = headers::response_to_wire(resp.headers());
-    let hdrs = answer_headers(&wire, &rewriter(state, conn, &parts.headers))?;
+    let hdrs = answer_headers(&wire, &rewriter(state, conn, &parts))?;
     let log = RequestLog {
         connection: conn.id.clone(),
         request_id: 0,

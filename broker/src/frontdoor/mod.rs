@@ -4,6 +4,7 @@
 //! - [`target`]: splitting the raw URI into connection and GitLab target.
 //! - [`credentials`]: adding the connection's token when the caller sent none.
 //! - [`rewrite`]: `Link`/`Location` headers from GitLab's URL to the front door.
+//! - [`origin`]: the front-door base URL callers see (public URL, trusted proxies).
 //! - [`forward`]: delivery, through an agent or directly, streaming both ways.
 //! - [`body`]: bodies that count bytes, log the request line and hold the
 //!   request's guards until the answer is fully sent.
@@ -13,6 +14,7 @@ pub mod body;
 pub mod credentials;
 pub mod forward;
 pub mod internal;
+pub mod origin;
 pub mod respond;
 pub mod rewrite;
 pub mod target;
@@ -78,7 +80,7 @@ pub async fn serve(
 
 async fn forward_request(
     state: &Arc<AppState>,
-    req: Request<Body>,
+    mut req: Request<Body>,
     internal: bool,
     started: std::time::Instant,
     seen: &mut Seen,
@@ -125,6 +127,13 @@ async fn forward_request(
             ),
         ));
     };
+    if internal {
+        req.extensions_mut().insert(origin::InternalRequest);
+    }
+    let (mut parts, req_body) = req.into_parts();
+    let base = origin::front_base(state, &conn.id, &parts);
+    parts.extensions.insert(origin::FrontBase(base));
+    let req = Request::from_parts(parts, req_body);
     let obs = body::Obs {
         observer: state.observer.clone(),
         seq: seen.seq,

@@ -104,4 +104,95 @@ mod tests {
             .is_none());
         assert!(rw().location("https://storage.acme.com/bucket/x").is_none());
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        const FRONT: &str = "http://broker:8080/gitlab/acme";
+
+        fn origin() -> impl Strategy<Value = String> {
+            prop::sample::select(vec![
+                "https://gitlab.acme.internal".to_string(),
+                "http://gitlab.acme.internal:8080".to_string(),
+                "https://acme.example/gitlab".to_string(),
+            ])
+        }
+
+        /// What follows an origin in a URL GitLab writes: a path, a query,
+        /// or nothing.
+        fn tail() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just(String::new()),
+                "/[a-zA-Z0-9%/._~-]{0,40}",
+                "/api/v4/projects\\?[a-z_=&0-9%]{0,30}",
+                "\\?[a-z_=&0-9]{0,20}",
+            ]
+        }
+
+        /// Suffixes that make another origin out of a GitLab origin.
+        fn confusable() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "\\.evil\\.com(/[a-z]{0,8})?",
+                "@evil\\.com/[a-z]{0,8}",
+                ":[0-9]{1,5}/[a-z]{0,8}",
+                "[a-z0-9-]{1,8}/x",
+                "%2e[a-z]{1,8}",
+            ]
+        }
+
+        proptest! {
+            /// URLs under a GitLab origin move to the front door with their
+            /// tail byte-exact; anything else stays.
+            #[test]
+            fn prop_rewrites_exactly_gitlab_urls(o in origin(), t in tail(), c in confusable()) {
+                let rw = Rewriter::new([o.clone()], FRONT.to_string());
+                prop_assert_eq!(rw.location(&format!("{o}{t}")), Some(format!("{FRONT}{t}")));
+                prop_assert_eq!(rw.location(&format!("{o}{c}")), None);
+                prop_assert_eq!(rw.location(&format!("https://storage.example{t}")), None);
+            }
+
+            /// A Link value made of GitLab and foreign URLs: GitLab's are
+            /// rewritten, every other byte is kept.
+            #[test]
+            fn prop_link_keeps_structure(
+                o in origin(),
+                parts in prop::collection::vec((any::<bool>(), tail(), "[a-z]{1,6}"), 1..6),
+            ) {
+                let rw = Rewriter::new([o.clone()], FRONT.to_string());
+                let mut input = Vec::new();
+                let mut expected = Vec::new();
+                for (ours, t, rel) in &parts {
+                    let (from, to) = if *ours {
+                        (format!("{o}{t}"), format!("{FRONT}{t}"))
+                    } else {
+                        let u = format!("https://s3.example{t}");
+                        (u.clone(), u)
+                    };
+                    input.push(format!("<{from}>; rel=\"{rel}\""));
+                    expected.push(format!("<{to}>; rel=\"{rel}\""));
+                }
+                let input = input.join(", ");
+                let expected = expected.join(", ");
+                let any_ours = parts.iter().any(|p| p.0);
+                match rw.link(&input) {
+                    Some(out) => {
+                        prop_assert!(any_ours);
+                        prop_assert_eq!(out, expected);
+                    }
+                    None => prop_assert!(!any_ours),
+                }
+            }
+
+            /// Any header text: no panic, and an unchanged value is `None`.
+            #[test]
+            fn prop_link_takes_any_text(v in any::<String>()) {
+                let rw = Rewriter::new(["https://gitlab.acme.internal".to_string()], FRONT.to_string());
+                if let Some(out) = rw.link(&v) {
+                    prop_assert_ne!(&out, &v);
+                }
+                let _ = rw.location(&v);
+            }
+        }
+    }
 }
