@@ -42,9 +42,11 @@ impl TrustedProxies {
                 Ok(n) => n,
                 Err(_) => match e.parse::<IpAddr>() {
                     Ok(ip) => IpNet::from(ip),
-                    Err(_) => return Err(format!(
+                    Err(_) => {
+                        return Err(format!(
                         "trusted proxy {e:?} is neither an IP address nor a CIDR like 10.0.0.0/8"
-                    )),
+                    ))
+                    }
                 },
             };
             nets.push(net);

@@ -14,6 +14,7 @@ pub struct Proxy {
     /// Port.
     pub port: u16,
     auth: Option<(String, String)>,
+    conf: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -40,16 +41,25 @@ impl Proxy {
         }
         let path = dir.path().join("tinyproxy.conf");
         std::fs::write(&path, conf).expect("write conf");
-        let mut cmd = Command::new("tinyproxy");
-        cmd.arg("-d").arg("-c").arg(&path);
-        let proc = Proc::spawn("tinyproxy", cmd);
-        proc.wait_for_text("Accepting connections", WAIT).await;
+        let proc = spawn(&path).await;
         Proxy {
             proc,
             port,
             auth: auth.map(|(u, p)| (u.to_string(), p.to_string())),
+            conf: path,
             _dir: dir,
         }
+    }
+
+    /// Kills the proxy (SIGKILL), as a crashing proxy would die.
+    pub async fn kill(&mut self) {
+        self.proc.kill9().await;
+    }
+
+    /// Starts the proxy again on the same port, after [`Proxy::kill`].
+    pub async fn restart(&mut self) {
+        self.proc.kill9().await;
+        self.proc = spawn(&self.conf).await;
     }
 
     /// The proxy URL, with credentials when configured.
@@ -68,6 +78,14 @@ impl Proxy {
             .filter(|l| l.contains("CONNECT") && l.contains(host_port))
             .count()
     }
+}
+
+async fn spawn(conf: &std::path::Path) -> Proc {
+    let mut cmd = Command::new("tinyproxy");
+    cmd.arg("-d").arg("-c").arg(conf);
+    let proc = Proc::spawn("tinyproxy", cmd);
+    proc.wait_for_text("Accepting connections", WAIT).await;
+    proc
 }
 
 fn nix_is_root() -> bool {

@@ -18,6 +18,9 @@
 //! - `GET  /api/v4/blob?n=N` — N bytes cut from one prebuilt 64 KiB chunk
 //!   (no per-byte work: the benchmark's fast bulk source).
 //! - `POST /api/v4/sink` — reads and discards the body; answers `{"len": N}`.
+//! - `GET  /api/v4/cut?n=N[&length=1]` — N pattern bytes (seed 5), then the
+//!   connection is cut (GitLab dying mid-body); with `length=1` the head
+//!   announces `Content-Length: 2N`, else the body is chunked.
 
 use super::pattern::{Pattern, Verifier};
 use bytes::Bytes;
@@ -288,6 +291,35 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         ("GET", "/api/v4/stall") => {
             futures::future::pending::<()>().await;
             full(500, "")
+        }
+        ("GET", "/api/v4/cut") => {
+            let n: u64 = query(&req, "n").and_then(|v| v.parse().ok()).unwrap_or(0);
+            let with_length = query(&req, "length").as_deref() == Some("1");
+            let stream = futures::stream::unfold(
+                (Pattern::new(5), n, false),
+                |(mut p, left, done)| async move {
+                    if done {
+                        return None;
+                    }
+                    // Give the server a turn to flush what it has (head
+                    // included) before the next step: GitLab died after
+                    // sending these bytes, not before.
+                    tokio::task::yield_now().await;
+                    if left == 0 {
+                        // An error mid-body makes hyper abort the connection.
+                        let cut = std::io::Error::other("cut by the test");
+                        return Some((Err(cut), (p, 0, true)));
+                    }
+                    let k = left.min(64 * 1024);
+                    let chunk = Frame::data(p.chunk(k as usize));
+                    Some((Ok(chunk), (p, left - k, false)))
+                },
+            );
+            let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+            if with_length {
+                r.headers_mut().insert("content-length", (2 * n).into());
+            }
+            r
         }
         ("GET", "/api/v4/hold") => {
             let first = futures::stream::once(async {
