@@ -10,7 +10,7 @@ use gitproxy_integration_tests::harness::broker::{Broker, BrokerSpec, ConnSpec};
 use gitproxy_integration_tests::harness::proxy::Proxy;
 use gitproxy_integration_tests::harness::upstream::Upstream;
 use gitproxy_integration_tests::harness::{client, WAIT};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 const KEY: &str = "faults-access-key-0123456789abcdef";
 const TOKEN: &str = "faults-conn-token-abcdef0123456789";
