@@ -137,7 +137,7 @@ pub async fn run(cfg: &AgentConfig) -> ExitCode {
         }
     };
     // 4 and 5. GitLab, with the same client real requests use.
-    let upstream = match url::Url::parse(&gitlab_url)
+    let upstream = match gitproxy_shared::gitlab_url::parse_gitlab_url(&gitlab_url)
         .map_err(|e| e.to_string())
         .and_then(|u| {
             Upstream::with_resolve(
@@ -146,6 +146,7 @@ pub async fn run(cfg: &AgentConfig) -> ExitCode {
                     extra_ca_pem: cfg.extra_ca_pem.clone(),
                     proxy: cfg.proxy.clone(),
                     connect_timeout: cfg.connect_timeout,
+                    policy: cfg.policy.clone(),
                 },
                 &cfg.resolve,
             )
@@ -421,15 +422,23 @@ async fn handshake(cfg: &AgentConfig, io: Box<dyn dial::Io>) -> Result<String, (
     match first {
         Ok(Ok(Some(m))) => match m.msg {
             Some(In::Welcome(w)) => {
+                // Validated like every GitLab URL before it is shown or used.
+                let asked =
+                    gitproxy_shared::gitlab_url::parse_gitlab_url(&w.gitlab_url).map_err(|e| {
+                        (
+                            format!("the broker sent an unusable GitLab URL: {e}"),
+                            "Fix the connection's GitLab URL in the broker.".to_string(),
+                        )
+                    })?;
                 if let Some(pin) = &cfg.gitlab_url {
-                    if pin.as_str().trim_end_matches('/') != w.gitlab_url.trim_end_matches('/') {
+                    if pin.as_str().trim_end_matches('/') != asked.as_str().trim_end_matches('/') {
                         return Err((
-                            format!("the broker asks for GitLab at {} but this agent is pinned to {pin}", w.gitlab_url),
+                            format!("the broker asks for GitLab at {asked} but this agent is pinned to {pin}"),
                             "Fix GITPROXY_GITLAB_URL (Helm gitproxy.gitlabUrl) or the connection's GitLab URL.".into(),
                         ));
                     }
                 }
-                Ok(w.gitlab_url)
+                Ok(asked.to_string())
             }
             _ => Err((
                 "the broker's first message was not Welcome".into(),

@@ -216,7 +216,10 @@ impl AgentConfig {
             .gitlab_url
             .as_deref()
             .filter(|s| !s.is_empty())
-            .map(|s| parse_http_url(s, "GITPROXY_GITLAB_URL"))
+            .map(|s| {
+                gitproxy_shared::gitlab_url::parse_gitlab_url(s)
+                    .map_err(|e| anyhow::anyhow!("GITPROXY_GITLAB_URL: {e}"))
+            })
             .transpose()?;
         let gitlab_token =
             secret_from(a.gitlab_token, a.gitlab_token_file, "GITPROXY_GITLAB_TOKEN")?;
@@ -328,5 +331,30 @@ mod tests {
         let mut a = args();
         a.ca_cert = Some("not base64!".into());
         assert!(AgentConfig::from_args(a).is_err());
+    }
+
+    /// A pin that would let requests escape the policy is refused at start.
+    #[test]
+    fn refuses_hostile_gitlab_pins() {
+        for pin in [
+            "https://gitlab.example/#",
+            "https://gitlab.example/base#x",
+            "https://gitlab.example/?",
+            "https://user:s3cret@gitlab.example",
+            "https://gitlab.example/a/../admin",
+            "https://gitlab.example/%2e%2e/admin",
+            "https://gitlab.example\\admin",
+            "https://gitlab.example/a b",
+            "http:gitlab.example",
+        ] {
+            let mut a = args();
+            a.gitlab_url = Some(pin.into());
+            let e = format!("{:#}", AgentConfig::from_args(a).expect_err(pin));
+            assert!(e.contains("GITPROXY_GITLAB_URL"), "{pin}: {e}");
+            assert!(!e.contains("s3cret"), "{pin}: {e}");
+        }
+        let mut a = args();
+        a.gitlab_url = Some("https://gitlab.example/gitlab/".into());
+        assert!(AgentConfig::from_args(a).is_ok());
     }
 }

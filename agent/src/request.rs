@@ -166,18 +166,16 @@ async fn relay(
 }
 
 /// Replaces whatever credentials came from the cloud with the agent's own
-/// token, so that token never leaves the customer network: `PRIVATE-TOKEN`
-/// for the API, HTTP Basic `oauth2:<token>` for git. Returns the target
-/// without credential query parameters.
+/// token, so that token never leaves the customer network and the cloud can
+/// neither authenticate as anyone else nor impersonate (`sudo`): every
+/// credential header in any spelling, `Sudo`, the whole `Cookie`, and every
+/// credential or `sudo` query parameter as GitLab (Rack) decodes names
+/// (`gitproxy_shared::credentials`) go; then `PRIVATE-TOKEN` for the API,
+/// HTTP Basic `oauth2:<token>` for git. Returns the target without those
+/// parameters, the rest of the query byte for byte.
 fn use_own_token(hdrs: &mut HeaderMap, target: &str, token: &Secret) -> String {
-    for h in [
-        "private-token",
-        "authorization",
-        "job-token",
-        "deploy-token",
-    ] {
-        hdrs.remove(h);
-    }
+    use gitproxy_shared::credentials;
+    credentials::strip_header_credentials(hdrs);
     let (path, query) = match target.split_once('?') {
         Some((p, q)) => (p, Some(q)),
         None => (target, None),
@@ -194,22 +192,9 @@ fn use_own_token(hdrs: &mut HeaderMap, target: &str, token: &Secret) -> String {
         v.set_sensitive(true);
         hdrs.insert(name, v);
     }
-    match query {
+    match query.and_then(credentials::strip_query_credentials) {
         None => path.to_string(),
-        Some(q) => {
-            let kept: Vec<&str> = q
-                .split('&')
-                .filter(|kv| {
-                    let k = kv.split('=').next().unwrap_or("");
-                    !matches!(k, "private_token" | "access_token" | "job_token")
-                })
-                .collect();
-            if kept.is_empty() {
-                path.to_string()
-            } else {
-                format!("{path}?{}", kept.join("&"))
-            }
-        }
+        Some(q) => format!("{path}?{q}"),
     }
 }
 

@@ -14,6 +14,7 @@ use gitproxy_proto::v1::{
     Credit, Drain, Error as ErrorFrame, Hello, Ping, Pong, RequestHead, Welcome,
 };
 use gitproxy_shared::errors::{ErrorCode, GitproxyError};
+use gitproxy_shared::gitlab_url::{self, GitlabUrlError};
 use gitproxy_shared::tunnel::body::{self, BodySender, PushError};
 use gitproxy_shared::tunnel::credit::SendCredit;
 use gitproxy_shared::tunnel::outbound::{Control, ControlFrame, Outbound};
@@ -71,6 +72,18 @@ pub enum SessionError {
         /// The pin.
         pinned: String,
     },
+    /// The broker's GitLab URL fails validation.
+    #[error("the broker sent an unusable GitLab URL, refusing it: {0}")]
+    BadGitlabUrl(GitlabUrlError),
+    /// An unpinned agent was asked for another GitLab origin than the first
+    /// one it accepted.
+    #[error("the broker asked for GitLab at {asked}, but this unpinned agent has served GitLab at {first} since it started and refuses another origin until it is restarted; pin the GitLab URL with GITPROXY_GITLAB_URL (Helm gitproxy.gitlabUrl)")]
+    OriginChanged {
+        /// The origin of the first accepted Welcome.
+        first: String,
+        /// The origin asked for now.
+        asked: String,
+    },
     /// The stream broke.
     #[error("the tunnel stream broke: {0}")]
     Stream(String),
@@ -116,6 +129,9 @@ pub struct SessionContext {
     pub connected_generation: watch::Receiver<u64>,
     /// GitLab client reused across sessions while the URL stays the same.
     pub upstream_cache: Arc<Mutex<Option<Upstream>>>,
+    /// The GitLab origin (scheme, host, port) of the first Welcome accepted
+    /// since the agent started: an unpinned agent refuses any other.
+    pub first_origin: Arc<Mutex<Option<String>>>,
 }
 
 /// A request being served.
@@ -414,9 +430,12 @@ fn check_welcome(w: &Welcome) -> Result<(FlowSettings, Duration, Duration), Sess
     Ok((flow, interval, timeout))
 }
 
-fn upstream_for(ctx: &SessionContext, gitlab_url: &str) -> Result<Upstream, SessionError> {
-    let asked = url::Url::parse(gitlab_url)
-        .map_err(|_| SessionError::Handshake("the broker sent an invalid GitLab URL".into()))?;
+/// The GitLab client for the URL the broker sent: validated like every
+/// GitLab URL, equal to the pin when there is one, and, pinned or not, on the
+/// origin of the first Welcome this agent accepted (an unpinned agent would
+/// otherwise go wherever a compromised broker points it).
+fn upstream_for(ctx: &SessionContext, welcome_url: &str) -> Result<Upstream, SessionError> {
+    let asked = gitlab_url::parse_gitlab_url(welcome_url).map_err(SessionError::BadGitlabUrl)?;
     if let Some(pinned) = &ctx.cfg.gitlab_url {
         if pinned.as_str().trim_end_matches('/') != asked.as_str().trim_end_matches('/') {
             return Err(SessionError::PinMismatch {
@@ -424,6 +443,14 @@ fn upstream_for(ctx: &SessionContext, gitlab_url: &str) -> Result<Upstream, Sess
                 pinned: pinned.to_string(),
             });
         }
+    }
+    let asked_origin = gitlab_url::origin(&asked);
+    let mut first = ctx.first_origin.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(f) = first.as_ref().filter(|f| **f != asked_origin) {
+        return Err(SessionError::OriginChanged {
+            first: f.clone(),
+            asked: asked_origin,
+        });
     }
     let mut cache = ctx.upstream_cache.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(u) = cache.as_ref() {
@@ -437,6 +464,7 @@ fn upstream_for(ctx: &SessionContext, gitlab_url: &str) -> Result<Upstream, Sess
             extra_ca_pem: ctx.cfg.extra_ca_pem.clone(),
             proxy: ctx.cfg.proxy.clone(),
             connect_timeout: ctx.cfg.connect_timeout,
+            policy: ctx.cfg.policy.clone(),
         },
         &ctx.cfg.resolve,
     )
@@ -445,6 +473,7 @@ fn upstream_for(ctx: &SessionContext, gitlab_url: &str) -> Result<Upstream, Sess
         info!(proxy = %p, gitlab = %u.base(), "GitLab requests go through the proxy");
     }
     *cache = Some(u.clone());
+    first.get_or_insert(asked_origin);
     Ok(u)
 }
 

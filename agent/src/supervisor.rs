@@ -33,6 +33,8 @@ pub async fn run(cfg: Arc<AgentConfig>, shutdown: CancellationToken) {
     let (events_tx, mut events) = mpsc::channel::<SessionEvent>(16);
     let (gen_tx, gen_rx) = watch::channel(0u64);
     let upstream_cache = Arc::new(Mutex::new(None));
+    // Kept across reconnects, in memory: see `session::upstream_for`.
+    let first_origin = Arc::new(Mutex::new(None));
     let mut sessions: JoinSet<(u64, Instant, Result<SessionEnd, SessionError>)> = JoinSet::new();
     let mut backoff = Backoff::default();
     let mut generation = 0u64;
@@ -56,6 +58,7 @@ pub async fn run(cfg: Arc<AgentConfig>, shutdown: CancellationToken) {
                     shutdown: shutdown.clone(),
                     connected_generation: gen_rx.clone(),
                     upstream_cache: upstream_cache.clone(),
+                    first_origin: first_origin.clone(),
                 };
                 let span = tracing::info_span!("session", generation);
                 let g = generation;

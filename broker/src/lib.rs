@@ -60,6 +60,7 @@ pub fn main_with(cli: Cli) -> ExitCode {
         cfg.base_dir.as_deref(),
         &store.snapshot().connections,
         &cfg.extra_ca_pem,
+        &cfg.policy,
     ) {
         Ok(c) => c,
         Err(e) => {

@@ -90,6 +90,7 @@ pub async fn reload_file(state: &AppState, path: &Path) -> anyhow::Result<()> {
         path.parent(),
         &state.store.snapshot().connections,
         &state.config.extra_ca_pem,
+        &state.config.policy,
     )?;
     state.set_file(file);
     apply(state, set);

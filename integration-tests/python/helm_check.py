@@ -157,6 +157,25 @@ def make_pki() -> dict[str, str] | None:
     }
 
 
+# GitLab base URLs both charts must refuse: a fragment or a query would
+# swallow the request path, userinfo is a credential in a URL, dot segments
+# move the base, spaces and backslashes are read differently by each parser.
+HOSTILE_GITLAB_URLS = [
+    "https://gitlab.corp.example/#",
+    "https://gitlab.corp.example/base#x",
+    "https://gitlab.corp.example/?",
+    "https://gitlab.corp.example/?private_token=x",
+    "https://user:pw@gitlab.corp.example",
+    "https://gitlab.corp.example/a/../admin",
+    "https://gitlab.corp.example/..",
+    "https://gitlab.corp.example/a b",
+    "https://gitlab.corp.example\\admin",
+    "https://gitlab.corp.example//admin",
+    "gitlab.corp.example",
+    "ftp://gitlab.corp.example",
+]
+
+
 # --------------------------------------------------------------------------
 # rendering
 
@@ -467,6 +486,8 @@ def check_agent(c: Charts, pki: dict | None) -> dict[str, Any]:
             {"gitproxy": {"accessKey": "", "existingSecret": "corp-agent-key", "existingSecretKey": "key"}},
         ),
         "replicaCount 3": deep_merge(base, {"replicaCount": 3}),
+        "unpinned (allowUnpinned)": deep_merge(base, {"gitproxy": {"gitlabUrl": "", "allowUnpinned": True}}),
+        "gitlab pin with a path": deep_merge(base, {"gitproxy": {"gitlabUrl": "https://gitlab.corp.example:8443/gitlab/"}}),
         "gitlab pin+token+extraEnv+json logs": deep_merge(
             base,
             {
@@ -502,7 +523,7 @@ def check_agent(c: Charts, pki: dict | None) -> dict[str, Any]:
         shutdown = int(env.get("GITPROXY_SHUTDOWN_GRACE", "30s").rstrip("s"))
         check(grace > shutdown, f"agent [{what}]: terminationGracePeriodSeconds {grace} > shutdown grace {shutdown}s")
         check(env.get("GITPROXY_STATE_FILE", "").startswith("/tmp/"), f"agent [{what}]: GITPROXY_STATE_FILE under /tmp")
-    step("agent renders in 6 shapes; every object is valid for Kubernetes 1.29 (strict)")
+    step(f"agent renders in {len(shapes)} shapes; every object is valid for Kubernetes 1.29 (strict)")
     step("agent: no ports, no Service, app: gitproxy, deny-all-ingress NetworkPolicy, non-root, read-only rootfs, no capabilities, RuntimeDefault seccomp, exec health probes, grace > shutdown grace")
 
     want = "gitlab.corp.example,.corp.example,10.0.0.0/8,127.0.0.1"
@@ -537,6 +558,16 @@ def check_agent(c: Charts, pki: dict | None) -> dict[str, Any]:
     srcs = [s["secret"]["name"] for v in pod["volumes"] if "projected" in v for s in v["projected"]["sources"]]
     check("corp-agent-key" in srcs, f"agent [existingSecret]: the accessKey comes from corp-agent-key ({srcs})")
     step("agent: existingSecret is used for the accessKey and no key is stored by the chart")
+
+    for what, want in (
+        ("defaults", base["gitproxy"]["gitlabUrl"]),
+        ("gitlab pin with a path", "https://gitlab.corp.example:8443/gitlab/"),
+        ("unpinned (allowUnpinned)", None),
+    ):
+        _, ctr = agent_container(rendered[what])
+        got = resolve_env(rendered[what], ctr).get("GITPROXY_GITLAB_URL")
+        check(got == want, f"agent [{what}]: GITPROXY_GITLAB_URL {got!r} != {want!r}")
+    step("agent: pinned by default (GITPROXY_GITLAB_URL from gitproxy.gitlabUrl); unpinned only with gitproxy.allowUnpinned")
 
     check(one(rendered["replicaCount 3"], "Deployment")["spec"]["replicas"] == 3, "agent: replicaCount 3 gives 3 replicas")
     step("agent: replicaCount 3")
@@ -591,9 +622,16 @@ def check_schema(c: Charts) -> None:
     expect_rejected(c.agent, deep_merge(a, {"replicaCount": 0}), "/replicaCount", "replicaCount 0")
     expect_rejected(c.agent, deep_merge(a, {"logFormat": "xml"}), "/logFormat", "logFormat xml")
     expect_rejected(c.agent, {"gitproxy": {"accessKey": "k"}}, "gitproxy.brokerUrl", "a missing brokerUrl")
-    expect_rejected(c.agent, {"gitproxy": {"brokerUrl": "https://b:8443"}}, "gitproxy.accessKey", "a missing accessKey")
+    expect_rejected(c.agent, {"gitproxy": {"brokerUrl": "https://b:8443", "gitlabUrl": "https://g"}}, "gitproxy.accessKey", "a missing accessKey")
     expect_rejected(c.agent, deep_merge(a, {"gitproxy": {"existingSecret": "x"}}), "gitproxy.existingSecret", "accessKey and existingSecret together")
+    expect_rejected(c.agent, deep_merge(a, {"gitproxy": {"gitlabUrl": ""}}), "gitlabUrl", "an unpinned agent without gitproxy.allowUnpinned")
+    expect_rejected(c.agent, deep_merge(a, {"gitproxy": {"gitlabUrl": "", "allowUnpinned": "yes"}}), "/gitproxy/allowUnpinned", "allowUnpinned that is not a boolean")
     b = c.broker_base
+    for bad in HOSTILE_GITLAB_URLS:
+        expect_rejected(c.agent, deep_merge(a, {"gitproxy": {"gitlabUrl": bad}}), "/gitproxy/gitlabUrl", f"gitlabUrl {bad!r}")
+        conn = {"id": "acme", "mode": "direct", "gitlabUrl": "https://gitlab.corp.example"}
+        expect_rejected(c.broker, deep_merge(b, {"config": {"connections": [{**conn, "gitlabUrl": bad}]}}), "/config/connections/0/gitlabUrl", f"broker gitlabUrl {bad!r}")
+        expect_rejected(c.broker, deep_merge(b, {"config": {"connections": [{**conn, "externalUrl": bad}]}}), "/config/connections/0/externalUrl", f"broker externalUrl {bad!r}")
     expect_rejected(c.broker, deep_merge(b, {"config": {"apiKeysSha256": []}}), "config.apiKeysSha256", "a broker without API keys")
     expect_rejected(c.broker, deep_merge(b, {"config": {"apiKeysSha256": ["abc"]}}), "/config/apiKeysSha256", "a broker API key hash that is not 64 hex digits")
     expect_rejected(c.broker, deep_merge(b, {"config": {"connections": [{"id": "Acme!", "mode": "agent", "gitlabUrl": "https://g"}]}}), "/config/connections/0/id", "a bad connection id")

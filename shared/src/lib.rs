@@ -6,6 +6,10 @@
 //! - [`errors`]: the product's error codes, their HTTP status and operator hints,
 //!   and the classification of network failures into those codes.
 //! - [`policy`]: which requests may travel to GitLab at all.
+//! - [`gitlab_url`]: the strict validator of GitLab base URLs, and the join of
+//!   a request target onto one.
+//! - [`credentials`]: GitLab credentials in headers and queries, recognised
+//!   as GitLab (Rack) reads them.
 //! - [`headers`]: hop-by-hop and `X-Gitproxy-*` filtering, wire conversion.
 //! - [`upstream`]: the HTTP client that replays a request against GitLab
 //!   (the agent, and the broker in direct mode).
@@ -14,7 +18,9 @@
 //! - [`logging`]: `tracing` set-up, text or JSON.
 //! - [`signal`]: the start of both programs' shutdown tree.
 
+pub mod credentials;
 pub mod errors;
+pub mod gitlab_url;
 pub mod headers;
 pub mod logging;
 pub mod policy;

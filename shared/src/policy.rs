@@ -3,13 +3,18 @@
 //! Only requests for GitLab's REST API (`/api/v4/...`, `/api/graphql`) and git
 //! smart HTTP (`/<project>.git/info/refs`, `git-upload-pack`,
 //! `git-receive-pack`, plus git LFS under `.git/info/lfs/`) may travel, in
-//! origin form, relative to the GitLab base URL. The agent enforces it on
-//! every request; the broker runs the same check before a request travels.
+//! origin form, relative to the GitLab base URL, with a method GitLab serves.
+//! The agent enforces it on every request; the broker runs the same check
+//! before a request travels, and the GitLab client once more on the final
+//! URL.
 
 use percent_encoding::percent_decode_str;
 
-/// Methods never forwarded.
-const FORBIDDEN_METHODS: [&str; 3] = ["CONNECT", "TRACE", "TRACK"];
+/// The methods GitLab serves (Rails routes and Grape endpoints, git smart
+/// HTTP, LFS); anything else (`CONNECT`, `TRACE`, WebDAV, made-up ones) is
+/// never forwarded. Methods are case-sensitive (RFC 9110 section 9.1): `get`
+/// is not `GET`.
+const ALLOWED_METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
 
 /// Which paths may reach GitLab.
 #[derive(Debug, Clone)]
@@ -49,12 +54,18 @@ impl Policy {
     /// Checks a request. `target` is the origin-form path and query relative to
     /// the GitLab base URL. The error says why, for the log and the caller.
     pub fn check(&self, method: &str, target: &str) -> Result<(), String> {
-        let upper = method.to_ascii_uppercase();
-        if FORBIDDEN_METHODS.contains(&upper.as_str()) {
-            return Err(format!("method {upper} is never forwarded"));
-        }
-        if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic()) {
-            return Err("malformed method".into());
+        if !ALLOWED_METHODS.contains(&method) {
+            return Err(
+                if !method.is_empty() && method.bytes().all(|b| b.is_ascii_alphabetic()) {
+                    format!(
+                        "method {} is not one GitLab serves (only {})",
+                        truncate(method, 20),
+                        ALLOWED_METHODS.join(", ")
+                    )
+                } else {
+                    "malformed method".into()
+                },
+            );
         }
         if !target.starts_with('/') || target.starts_with("//") {
             return Err("only origin-form request targets (\"/path?query\") are forwarded, not absolute or authority form".into());
@@ -98,12 +109,13 @@ impl Policy {
     }
 }
 
-/// `/<namespace>/<project>.git/<smart HTTP endpoint>`.
+/// `/<namespace>/<project>.git/<smart HTTP endpoint>`: `.git` ends a
+/// non-empty path segment.
 fn is_git_path(path: &str) -> bool {
     let Some(idx) = path.find(".git/") else {
         return false;
     };
-    if idx <= 1 {
+    if idx <= 1 || path.as_bytes().get(idx - 1) == Some(&b'/') {
         return false;
     }
     let rest = &path[idx + ".git".len()..];
@@ -158,10 +170,25 @@ mod tests {
         assert!(!ok("GET", "/admin/users"));
         assert!(!ok("GET", "/users/sign_in"));
         assert!(!ok("GET", "/.git/info/refs"));
+        assert!(!ok("GET", "/group/.git/info/refs"));
         assert!(!ok("GET", "/api/v4\\..\\x"));
         assert!(!ok("GET", "/api/v4/x y"));
         assert!(!ok("G ET", "/api/v4/x"));
         assert!(!ok("GET", "/api/v5/projects"));
+    }
+
+    #[test]
+    fn only_the_methods_gitlab_serves() {
+        for m in ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"] {
+            assert!(ok(m, "/api/v4/projects"), "{m}");
+        }
+        // Methods are case-sensitive (RFC 9110): `get` is not GET.
+        for m in [
+            "PROPFIND", "FOO", "get", "Get", "MKCOL", "LOCK", "TRACK", "CONNECT", "TRACE", "",
+        ] {
+            let e = Policy::default().check(m, "/api/v4/projects").unwrap_err();
+            assert!(e.contains("method"), "{m}: {e}");
+        }
     }
 
     #[test]

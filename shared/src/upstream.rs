@@ -5,8 +5,13 @@
 //! corporate proxy is decided once, with the same `HTTPS_PROXY`/`NO_PROXY`
 //! rules curl and Go use (hyper-util's matcher: exact host, domain suffix,
 //! IP, CIDR, `*`). Failures are classified into the product's error codes.
+//! Every request URL is built with the URL library from the base and the
+//! target, and checked (same origin, under the base path, inside the policy)
+//! before it is sent.
 
 use crate::errors::{classify_upstream, proxy_error, ErrorCode, GitproxyError, Route};
+use crate::gitlab_url::{self, GitlabUrlError};
+use crate::policy::Policy;
 use crate::secret::redact_url;
 use crate::tls;
 use http::{HeaderMap, Method, StatusCode};
@@ -101,14 +106,16 @@ pub struct UpstreamConfig {
     pub proxy: ProxySettings,
     /// Limit on establishing a connection (TCP, proxy, TLS).
     pub connect_timeout: Duration,
+    /// What may be sent: checked once more on each final request URL.
+    pub policy: Policy,
 }
 
 /// Failure to build an [`Upstream`].
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamBuildError {
     /// The base URL is unusable.
-    #[error("GitLab URL {0} must be an http:// or https:// URL without query or credentials")]
-    BadUrl(String),
+    #[error(transparent)]
+    BadUrl(#[from] GitlabUrlError),
     /// TLS material could not be loaded.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
@@ -124,7 +131,9 @@ pub enum UpstreamBuildError {
 #[derive(Debug, Clone)]
 pub struct Upstream {
     client: reqwest::Client,
+    base_url: Url,
     base: String,
+    policy: Policy,
     route: Route,
 }
 
@@ -140,15 +149,7 @@ impl Upstream {
         cfg: UpstreamConfig,
         resolve: &[(String, std::net::IpAddr)],
     ) -> Result<Self, UpstreamBuildError> {
-        let url = &cfg.base_url;
-        if !matches!(url.scheme(), "http" | "https")
-            || url.host_str().is_none()
-            || url.query().is_some()
-            || !url.username().is_empty()
-            || url.password().is_some()
-        {
-            return Err(UpstreamBuildError::BadUrl(redact_url(url.as_str())));
-        }
+        let url = &gitlab_url::parse_gitlab_url(cfg.base_url.as_str())?;
         let host = match url.port() {
             Some(p) => format!("{}:{p}", url.host_str().unwrap_or_default()),
             None => url.host_str().unwrap_or_default().to_string(),
@@ -183,7 +184,9 @@ impl Upstream {
             .map_err(|e| UpstreamBuildError::Client(e.to_string()))?;
         Ok(Upstream {
             client,
+            base_url: url.clone(),
             base: url.as_str().trim_end_matches('/').to_string(),
+            policy: cfg.policy,
             route: Route {
                 gitlab_host: host,
                 proxy: proxy_display,
@@ -201,6 +204,28 @@ impl Upstream {
         &self.base
     }
 
+    /// The URL a request for `target` goes to, refused with
+    /// `blocked_by_policy` unless it stays on the base URL's origin, under its
+    /// path, and the path relative to the base passes the policy.
+    pub fn request_url(&self, method: &Method, target: &str) -> Result<Url, GitproxyError> {
+        let blocked = |why: String| {
+            GitproxyError::new(
+                ErrorCode::BlockedByPolicy,
+                format!("refused by the GitLab client: {why}"),
+            )
+        };
+        self.policy
+            .check(method.as_str(), target)
+            .map_err(blocked)?;
+        let url = gitlab_url::join(&self.base_url, target).map_err(blocked)?;
+        let relative = gitlab_url::relative_target(&self.base_url, &url)
+            .ok_or_else(|| blocked("the request URL leaves the GitLab base URL".into()))?;
+        self.policy
+            .check(method.as_str(), &relative)
+            .map_err(blocked)?;
+        Ok(url)
+    }
+
     /// Sends one request: `target` is the origin-form path and query relative
     /// to the base URL. The response's body is not read.
     pub async fn send(
@@ -210,9 +235,7 @@ impl Upstream {
         headers: HeaderMap,
         body: Option<reqwest::Body>,
     ) -> Result<reqwest::Response, GitproxyError> {
-        let url = Url::parse(&format!("{}{}", self.base, target)).map_err(|e| {
-            GitproxyError::new(ErrorCode::BadRequest, format!("invalid request path: {e}"))
-        })?;
+        let url = self.request_url(&method, target)?;
         let mut req = self.client.request(method, url).headers(headers);
         if let Some(body) = body {
             req = req.body(body);
@@ -295,5 +318,95 @@ mod tests {
             StatusCode::BAD_GATEWAY,
             &HeaderMap::new()
         ));
+    }
+
+    fn upstream(base: &str) -> Result<Upstream, UpstreamBuildError> {
+        crate::tls::install_default_provider();
+        Upstream::new(UpstreamConfig {
+            base_url: Url::parse(base).unwrap(),
+            extra_ca_pem: Vec::new(),
+            proxy: ProxySettings::default(),
+            connect_timeout: Duration::from_secs(5),
+            policy: Policy::default(),
+        })
+    }
+
+    #[test]
+    fn refuses_hostile_base_urls() {
+        for b in [
+            "http://127.0.0.1:1/#",
+            "http://127.0.0.1:1/base#x",
+            "http://127.0.0.1:1/?",
+            "http://u:p@127.0.0.1:1/",
+        ] {
+            let e = upstream(b).expect_err(b).to_string();
+            assert!(!e.contains(":p@"), "{e}");
+        }
+    }
+
+    #[test]
+    fn request_urls_stay_under_the_base_and_inside_the_policy() {
+        let u = upstream("http://127.0.0.1:1/gitlab/").unwrap();
+        let url = u
+            .request_url(&Method::GET, "/api/v4/projects/g%2Fp?ref=a%2Fb")
+            .unwrap();
+        assert_eq!(
+            url.as_str(),
+            "http://127.0.0.1:1/gitlab/api/v4/projects/g%2Fp?ref=a%2Fb"
+        );
+        for (m, t) in [
+            ("GET", "/admin/users"),
+            ("GET", "/api/v4/../../admin"),
+            ("GET", "/api/v4/x#y"),
+            ("GET", "//evil.example/api/v4/x"),
+            ("PROPFIND", "/api/v4/x"),
+        ] {
+            let e = u
+                .request_url(&Method::from_bytes(m.as_bytes()).unwrap(), t)
+                .expect_err(t);
+            assert_eq!(e.error, ErrorCode::BlockedByPolicy, "{t}");
+        }
+    }
+
+    /// What reaches the wire: the caller's percent-encoding, under the base
+    /// path.
+    #[tokio::test]
+    async fn sends_to_the_joined_url() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut chunk).await.unwrap();
+                assert!(n > 0);
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            s.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&buf)
+                .lines()
+                .next()
+                .unwrap()
+                .to_string()
+        });
+        let u = upstream(&format!("http://{addr}/gitlab")).unwrap();
+        let resp = u
+            .send(
+                Method::GET,
+                "/api/v4/projects/group%2Fproject?x=1;y=%2F",
+                HeaderMap::new(),
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 204);
+        assert_eq!(
+            server.await.unwrap(),
+            "GET /gitlab/api/v4/projects/group%2Fproject?x=1;y=%2F HTTP/1.1"
+        );
     }
 }

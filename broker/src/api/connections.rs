@@ -152,6 +152,7 @@ fn commit(state: &AppState, next: BTreeMap<String, StoredConnection>) -> Result<
         state.config.base_dir.as_deref(),
         &next,
         &state.config.extra_ca_pem,
+        &state.config.policy,
     )
     .map_err(|e| ApiError::invalid(format!("{e:#}")))?;
     state.store.save_connections(next).map_err(|e| match e {

@@ -4,7 +4,9 @@
 use super::file::{FileConfig, FileConnection};
 use crate::store::StoredConnection;
 use anyhow::{bail, Context};
-use gitproxy_shared::secret::{ct_eq, redact_url, sha256_hex};
+use gitproxy_shared::gitlab_url::parse_gitlab_url;
+use gitproxy_shared::policy::Policy;
+use gitproxy_shared::secret::{ct_eq, sha256_hex};
 use gitproxy_shared::upstream::{ProxySettings, Upstream, UpstreamConfig};
 use gitproxy_shared::Secret;
 use std::collections::{BTreeMap, HashMap};
@@ -95,11 +97,13 @@ fn valid_sha256_hex(s: &str) -> bool {
 }
 
 impl ConnectionSet {
-    /// Validates the file's connections. `base_dir` resolves relative `token_file`s.
+    /// Validates the file's connections. `base_dir` resolves relative
+    /// `token_file`s; `extra_ca_pem` and `policy` go to direct-mode clients.
     pub fn from_file(
         file: &FileConfig,
         base_dir: Option<&Path>,
         extra_ca_pem: &[u8],
+        policy: &Policy,
     ) -> anyhow::Result<Self> {
         let mut set = ConnectionSet::default();
         for (i, k) in file.api_keys_sha256.iter().enumerate() {
@@ -110,7 +114,7 @@ impl ConnectionSet {
             set.api_keys_sha256.push(k);
         }
         for c in &file.connections {
-            let conn = build(c, base_dir, extra_ca_pem, Source::File)
+            let conn = build(c, base_dir, extra_ca_pem, policy, Source::File)
                 .with_context(|| format!("connection {:?}", c.id))?;
             if set.by_id.insert(conn.id.clone(), Arc::new(conn)).is_some() {
                 bail!("connection id {:?} appears twice", c.id);
@@ -152,6 +156,7 @@ impl ConnectionSet {
         base_dir: Option<&Path>,
         api: &BTreeMap<String, StoredConnection>,
         extra_ca_pem: &[u8],
+        policy: &Policy,
     ) -> anyhow::Result<Self> {
         let mut merged = FileConfig {
             api_keys_sha256: file.api_keys_sha256.clone(),
@@ -201,9 +206,10 @@ impl ConnectionSet {
             },
             base_dir,
             extra_ca_pem,
+            policy,
         )?;
         for (c, source) in merged.connections.iter().zip(sources) {
-            let conn = build(c, base_dir, extra_ca_pem, source)
+            let conn = build(c, base_dir, extra_ca_pem, policy, source)
                 .with_context(|| format!("connection {:?}", c.id))?;
             set.by_id.insert(conn.id.clone(), Arc::new(conn));
         }
@@ -321,6 +327,7 @@ fn build(
     c: &FileConnection,
     base_dir: Option<&Path>,
     extra_ca_pem: &[u8],
+    policy: &Policy,
     source: Source,
 ) -> anyhow::Result<Connection> {
     if !valid_id(&c.id) {
@@ -372,6 +379,7 @@ fn build(
                 extra_ca_pem: extra_ca_pem.to_vec(),
                 proxy: ProxySettings::from_env(),
                 connect_timeout: Duration::from_secs(10),
+                policy: policy.clone(),
             })
             .map_err(|e| anyhow::anyhow!("{e}"))?,
         ),
@@ -389,18 +397,10 @@ fn build(
     })
 }
 
+/// Every GitLab URL (file and API, `gitlab_url` and `external_url`) goes
+/// through the one validator of `gitproxy_shared::gitlab_url`.
 fn parse_url(s: &str, what: &str) -> anyhow::Result<Url> {
-    let u = Url::parse(s).map_err(|_| anyhow::anyhow!("{what} {} is not a URL", redact_url(s)))?;
-    if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
-        bail!(
-            "{what} {} must be an http:// or https:// URL",
-            redact_url(s)
-        );
-    }
-    if !u.username().is_empty() || u.password().is_some() || u.query().is_some() {
-        bail!("{what} must carry no credentials and no query");
-    }
-    Ok(u)
+    parse_gitlab_url(s).map_err(|e| anyhow::anyhow!("{what}: {e}"))
 }
 
 #[cfg(test)]
@@ -429,7 +429,7 @@ mod tests {
             api_keys_sha256: vec![sha256_hex(b"api")],
             ..FileConfig::default()
         };
-        let set = ConnectionSet::from_file(&file, None, b"").unwrap();
+        let set = ConnectionSet::from_file(&file, None, b"", &Policy::default()).unwrap();
         assert_eq!(set.find_by_access_key("k1").unwrap().id, "acme");
         assert!(set.find_by_access_key("k2").is_none());
         assert!(set.api_key_ok(Some(b"api")));
@@ -479,12 +479,75 @@ mod tests {
                 connections: vec![c],
                 ..FileConfig::default()
             };
-            assert!(ConnectionSet::from_file(&file, None, b"").is_err());
+            assert!(ConnectionSet::from_file(&file, None, b"", &Policy::default()).is_err());
         }
         let file = FileConfig {
             connections: vec![conn("a", "direct", None), conn("a", "direct", None)],
             ..FileConfig::default()
         };
-        assert!(ConnectionSet::from_file(&file, None, b"").is_err());
+        assert!(ConnectionSet::from_file(&file, None, b"", &Policy::default()).is_err());
+    }
+
+    /// GitLab URLs that would let a request escape the policy (or carry
+    /// secrets) are refused, naming the field, never echoing userinfo.
+    #[test]
+    fn refuses_hostile_gitlab_urls() {
+        let bad = [
+            "https://gitlab.example/#",
+            "https://gitlab.example/base#x",
+            "https://gitlab.example/?",
+            "https://gitlab.example/?a=b",
+            "https://user:s3cret@gitlab.example",
+            "https://gitlab.example/a/../admin",
+            "https://gitlab.example/a/%2e%2E/admin",
+            "https://gitlab.example/./api",
+            "https://gitlab.example\\admin",
+            "https://gitlab.example/a b",
+            "https://gitlab.example/a\tb",
+            "http:///gitlab.example",
+            "http:gitlab.example",
+            "ftp://gitlab.example",
+        ];
+        for url in bad {
+            let mut c = conn("a", "direct", None);
+            c.gitlab_url = url.into();
+            let file = FileConfig {
+                connections: vec![c],
+                ..FileConfig::default()
+            };
+            let e = format!(
+                "{:#}",
+                ConnectionSet::from_file(&file, None, b"", &Policy::default()).expect_err(url)
+            );
+            assert!(e.contains("gitlab_url"), "{url}: {e}");
+            assert!(!e.contains("s3cret"), "{url}: {e}");
+            let e = format!(
+                "{:#}",
+                validate_fields(None, Some(url), None).expect_err(url)
+            );
+            assert!(
+                e.contains("gitlab_url") && !e.contains("s3cret"),
+                "{url}: {e}"
+            );
+            let e = format!(
+                "{:#}",
+                validate_fields(None, None, Some(url)).expect_err(url)
+            );
+            assert!(
+                e.contains("external_url") && !e.contains("s3cret"),
+                "{url}: {e}"
+            );
+        }
+        for url in [
+            "https://gitlab.example",
+            "https://gitlab.example/",
+            "http://127.0.0.1:8080/gitlab",
+            "https://[::1]:8443/gitlab/",
+        ] {
+            assert!(
+                validate_fields(Some("direct"), Some(url), Some(url)).is_ok(),
+                "{url}"
+            );
+        }
     }
 }

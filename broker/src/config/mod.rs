@@ -109,9 +109,10 @@ impl BrokerConfig {
             .as_ref()
             .and_then(|p| p.parent().map(|d| d.to_path_buf()));
         let extra_ca_pem = gitproxy_shared::tls::extra_ca_pem(a.ca_cert_file.as_deref(), None)?;
-        let connections = ConnectionSet::from_file(&file, base_dir.as_deref(), &extra_ca_pem)?;
         let policy =
             Policy::with_extra_prefixes(a.allow_path_prefix.clone()).map_err(anyhow::Error::msg)?;
+        let connections =
+            ConnectionSet::from_file(&file, base_dir.as_deref(), &extra_ca_pem, &policy)?;
         if !api_listen.ip().is_loopback() && connections.api_keys_empty() {
             bail!(
                 "the api listener {api_listen} is not on loopback and no API key is configured: add api_keys_sha256 to the config file (gitproxy-broker keygen makes one), or bind it to 127.0.0.1"

@@ -6,29 +6,13 @@ use base64::Engine;
 use gitproxy_proto::v1::Header;
 use gitproxy_shared::Secret;
 
-const CREDENTIAL_HEADERS: [&str; 4] = [
-    "private-token",
-    "authorization",
-    "job-token",
-    "deploy-token",
-];
-const CREDENTIAL_PARAMS: [&str; 3] = ["private_token", "access_token", "job_token"];
-
-/// Whether the caller brought its own GitLab credentials.
+/// Whether the caller brought its own GitLab credentials, in any form GitLab
+/// reads (see `gitproxy_shared::credentials`: header spellings with `_`,
+/// percent-encoded, nested and `;`-separated query names, `bearer_token`,
+/// ...). Sessions (`Cookie`) and `Sudo` do not count: they do not
+/// authenticate on their own.
 pub fn caller_has_credentials(headers: &[Header], target: &str) -> bool {
-    if headers
-        .iter()
-        .any(|h| CREDENTIAL_HEADERS.contains(&h.name.as_str()))
-    {
-        return true;
-    }
-    target
-        .split_once('?')
-        .map(|(_, q)| {
-            q.split('&')
-                .any(|kv| CREDENTIAL_PARAMS.contains(&kv.split('=').next().unwrap_or("")))
-        })
-        .unwrap_or(false)
+    gitproxy_shared::credentials::has_credentials(headers.iter().map(|h| h.name.as_str()), target)
 }
 
 /// Appends the connection token to `headers` in the form `target` needs.
@@ -68,5 +52,44 @@ mod tests {
         inject(&mut h, "/g/p.git/info/refs", &Secret::new("t"));
         assert_eq!(h[0].name, "authorization");
         assert!(String::from_utf8_lossy(&h[0].value).starts_with("Basic "));
+    }
+
+    /// Every spelling GitLab (Rack) reads as a credential counts as the
+    /// caller's own, so the connection's token is not added on top.
+    #[test]
+    fn recognises_every_credential_form() {
+        let h = |name: &str| {
+            vec![Header {
+                name: name.into(),
+                value: b"x".to_vec(),
+            }]
+        };
+        for name in [
+            "private_token",
+            "job_token",
+            "deploy_token",
+            "x-gitlab-static-object-token",
+        ] {
+            assert!(caller_has_credentials(&h(name), "/api/v4/user"), "{name}");
+        }
+        for q in [
+            "private%5Ftoken=x",
+            "%70rivate_token=x",
+            "page=1;private_token=x",
+            "bearer_token=x",
+            "private_token[]=x",
+            "private_token%5Bx%5D=x",
+            "token=x",
+            "feed_token=x",
+        ] {
+            assert!(
+                caller_has_credentials(&[], &format!("/api/v4/user?{q}")),
+                "{q}"
+            );
+        }
+        assert!(!caller_has_credentials(
+            &[],
+            "/api/v4/user?per_page=1&tokens=2"
+        ));
     }
 }

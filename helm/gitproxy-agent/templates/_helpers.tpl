@@ -76,6 +76,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if not .Values.gitproxy.brokerUrl }}
 {{- fail "gitproxy.brokerUrl is required: the broker's agent listener, e.g. --set gitproxy.brokerUrl=https://broker.example.com:8443" }}
 {{- end }}
+{{- if not (or .Values.gitproxy.gitlabUrl .Values.gitproxy.allowUnpinned) }}
+{{- fail "gitproxy.gitlabUrl is required: your GitLab's base URL, e.g. --set gitproxy.gitlabUrl=https://gitlab.corp.example (or --set gitproxy.allowUnpinned=true to use whatever GitLab URL the broker sends)" }}
+{{- end }}
 {{- if and .Values.gitproxy.accessKey .Values.gitproxy.existingSecret }}
 {{- fail "set either gitproxy.accessKey or gitproxy.existingSecret, not both" }}
 {{- end }}

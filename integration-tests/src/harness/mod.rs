@@ -9,9 +9,12 @@
 //! - [`pattern`]: deterministic byte streams for byte-exact transfer checks.
 //! - [`pki`]: private CAs and certificates made at run time (rcgen).
 //! - [`proxy`]: a real tinyproxy as the corporate proxy.
+//! - [`fake_broker`]: a scripted broker speaking the real tunnel protocol,
+//!   to drive the real agent with hostile input.
 
 pub mod agent;
 pub mod broker;
+pub mod fake_broker;
 pub mod pattern;
 pub mod pki;
 pub mod process;
