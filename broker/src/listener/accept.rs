@@ -102,11 +102,6 @@ impl Acceptor {
         }
     }
 
-    /// The listener's name in logs (`api`, `agent`).
-    pub fn name(&self) -> &'static str {
-        self.name
-    }
-
     /// Waits for a free slot, then for the next connection. `None` once
     /// `stop` is cancelled.
     pub async fn next(&mut self, stop: &CancellationToken) -> Option<Accepted> {

@@ -55,16 +55,6 @@ pub enum ServerStream {
     Tls(Box<TlsStream<TcpStream>>),
 }
 
-impl ServerStream {
-    /// The TCP stream underneath.
-    pub fn tcp(&self) -> &TcpStream {
-        match self {
-            ServerStream::Plain(s) => s,
-            ServerStream::Tls(s) => s.get_ref().0,
-        }
-    }
-}
-
 impl AsyncRead for ServerStream {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -133,11 +123,6 @@ impl<IO> Rewind<IO> {
     /// `pre` is read first, then `inner`.
     pub fn new(pre: Bytes, inner: IO) -> Self {
         Rewind { pre, inner }
-    }
-
-    /// The stream underneath.
-    pub fn get_ref(&self) -> &IO {
-        &self.inner
     }
 }
 

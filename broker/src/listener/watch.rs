@@ -14,7 +14,9 @@
 //! | nothing in flight, nothing received since | last request end (or connection start) + idle timeout |
 //!
 //! A long download, an upload, or a request waiting minutes for GitLab is
-//! therefore never idle. For HTTP/2 only requests count: the broker's own
+//! therefore never idle. (Bytes of a pipelined HTTP/1.1 head that arrive
+//! while a request is in flight do not start the header clock; such a head
+//! is bounded by the idle timeout instead.) For HTTP/2 only requests count: the broker's own
 //! keep-alive PINGs are answered by the client, and those bytes must not keep
 //! an unused connection open.
 
