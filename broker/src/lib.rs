@@ -10,13 +10,15 @@
 //! - [`tunnel`]: agent streams: authentication, sessions, the registry.
 //! - [`frontdoor`]: `ANY /gitlab/{connection}/{path...}`.
 //! - [`api`]: `/healthz`, `/readyz`, `/v1/...` and the Admin gRPC service.
-//! - [`server`]: listeners and the shutdown tree; [`reload`]: SIGHUP.
+//! - [`server`]: listeners and the shutdown tree; [`listener`]: accepting,
+//!   handshakes, connection limits and timeouts; [`reload`]: SIGHUP.
 //! - [`state`]: what every part shares.
 
 pub mod api;
 pub mod config;
 pub mod frontdoor;
 pub mod keygen;
+pub mod listener;
 pub mod observe;
 pub mod reload;
 pub mod server;

@@ -1,4 +1,5 @@
-//! The broker's listeners and its shutdown tree.
+//! The broker's listeners and its shutdown tree. How each listener accepts,
+//! handshakes and watches its connections is in [`crate::listener`].
 //!
 //! Shutdown: the signal sets readiness false and asks every agent to drain;
 //! the api listener stops accepting and waits (up to the grace period) for
@@ -6,21 +7,21 @@
 //! agent listener stops.
 
 use crate::config::BrokerConfig;
+use crate::listener::accept::Acceptor;
 use crate::state::AppState;
 use crate::tunnel::service::TunnelService;
 use anyhow::Context;
 use gitproxy_proto::v1::tunnel_server::TunnelServer;
 use gitproxy_shared::tunnel::limits::MAX_MESSAGE_BYTES;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tower::ServiceExt;
 use tracing::{info, warn};
+
+/// TCP keepalive probes on agent connections after this much silence (the
+/// HTTP/2 pings normally notice a dead agent first).
+const AGENT_TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
 /// The bound listeners (bound before `run`, so callers know the addresses).
 pub struct Listeners {
@@ -109,25 +110,16 @@ pub async fn run(
     let agent_tls = cfg
         .tls
         .as_ref()
-        .map(
-            |(c, k)| -> anyhow::Result<tonic::transport::ServerTlsConfig> {
-                let cert =
-                    std::fs::read(c).with_context(|| format!("cannot read {}", c.display()))?;
-                let key =
-                    std::fs::read(k).with_context(|| format!("cannot read {}", k.display()))?;
-                // Validate early with rustls for a clear message.
-                gitproxy_shared::tls::server_config(c, k, &[b"h2"])?;
-                Ok(tonic::transport::ServerTlsConfig::new()
-                    .identity(tonic::transport::Identity::from_pem(cert, key)))
-            },
-        )
-        .transpose()?;
+        .map(|(c, k)| gitproxy_shared::tls::server_config(c, k, &[b"h2"]))
+        .transpose()?
+        .map(|c| tokio_rustls::TlsAcceptor::from(Arc::new(c)));
     let api_tls = cfg
         .api_tls
         .as_ref()
         .map(|(c, k)| gitproxy_shared::tls::server_config(c, k, &[b"h2", b"http/1.1"]))
         .transpose()?
         .map(|c| tokio_rustls::TlsAcceptor::from(Arc::new(c)));
+    let limits = cfg.listeners.clone();
 
     crate::reload::spawn(state.clone(), shutdown.clone());
 
@@ -140,30 +132,31 @@ pub async fn run(
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let mut builder = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .initial_stream_window_size(8 * 1024 * 1024)
         .initial_connection_window_size(16 * 1024 * 1024)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)));
-    if let Some(tls) = agent_tls {
-        builder = builder
-            .tls_config(tls)
-            .context("invalid agent listener TLS")?;
-    }
     let agent_stop = CancellationToken::new();
+    // Our own accept loop (cap, back-off) and handshake (TLS and the HTTP/2
+    // preface within the handshake timeout); TCP_NODELAY is set there, or
+    // small frames wait for delayed ACKs (~40 ms).
+    let agent_incoming = crate::listener::agent::incoming(
+        Acceptor::new(
+            listeners.agent,
+            "agent",
+            limits.max_agent_connections,
+            Some(AGENT_TCP_KEEPALIVE),
+        ),
+        agent_tls,
+        limits.handshake_timeout,
+        agent_stop.clone(),
+    );
     let agent_server = builder
         .add_service(tunnel)
         .add_service(agent_health_svc)
         .add_service(reflection_v1(Listener::Agent))
         .add_service(reflection_v1alpha(Listener::Agent))
-        .serve_with_incoming_shutdown(
-            // Our own listener, so tonic's tcp_nodelay does not apply: set it
-            // here, or small frames wait for delayed ACKs (~40 ms).
-            tonic::transport::server::TcpIncoming::from(listeners.agent)
-                .with_nodelay(Some(true))
-                .with_keepalive(Some(Duration::from_secs(60))),
-            agent_stop.clone().cancelled_owned(),
-        );
+        .serve_with_incoming_shutdown(agent_incoming, agent_stop.clone().cancelled_owned());
     let agent_task = tokio::spawn(agent_server);
     info!(listener = "agent", addr = %agent_addr, tls = state.config.tls.is_some(), "listening");
 
@@ -188,7 +181,15 @@ pub async fn run(
         }
     });
     info!(listener = "api", addr = %api_addr, tls = api_tls.is_some(), "listening");
-    serve_api(listeners.api, router, api_tls, shutdown.clone(), grace).await;
+    crate::listener::api::serve(
+        Acceptor::new(listeners.api, "api", limits.max_api_connections, None),
+        router,
+        api_tls,
+        limits,
+        shutdown.clone(),
+        grace,
+    )
+    .await;
 
     // The api listener has drained (or the grace period ran out): close
     // the agent streams and stop the agent listener.
@@ -205,91 +206,4 @@ pub async fn run(
     }
     info!("gitproxy-broker stopped");
     Ok(())
-}
-
-/// Serves HTTP/1.1 and HTTP/2 (h2c, or TLS with ALPN) on the api listener.
-/// Handshakes run in the connection's own task, never in the accept loop.
-async fn serve_api(
-    listener: TcpListener,
-    router: axum::Router,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    shutdown: CancellationToken,
-    grace: Duration,
-) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut http = auto::Builder::new(TokioExecutor::new());
-    http.http2()
-        .initial_stream_window_size(4 * 1024 * 1024)
-        .initial_connection_window_size(8 * 1024 * 1024);
-    let http = Arc::new(http);
-    loop {
-        let (stream, peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!("accept failed: {e}");
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        // The peer travels with each request: X-Forwarded-* are believed
-        // only from trusted proxies (frontdoor::origin).
-        let service = TowerToHyperService::new(router.clone().map_request(
-            move |mut r: http::Request<hyper::body::Incoming>| {
-                r.extensions_mut()
-                    .insert(crate::frontdoor::origin::PeerAddr(peer));
-                r
-            },
-        ));
-        let http = http.clone();
-        match &tls {
-            None => {
-                let conn = http
-                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                    .into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(peer = %peer, "api connection ended: {e}");
-                    }
-                });
-            }
-            Some(acceptor) => {
-                let acceptor = acceptor.clone();
-                let watcher = graceful.watcher();
-                tokio::spawn(async move {
-                    let tls = match tokio::time::timeout(
-                        Duration::from_secs(10),
-                        acceptor.accept(stream),
-                    )
-                    .await
-                    {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            tracing::debug!(peer = %peer, "api TLS handshake failed: {e}");
-                            return;
-                        }
-                        Err(_) => return,
-                    };
-                    let conn = http
-                        .serve_connection_with_upgrades(TokioIo::new(tls), service)
-                        .into_owned();
-                    if let Err(e) = watcher.watch(conn).await {
-                        tracing::debug!(peer = %peer, "api connection ended: {e}");
-                    }
-                });
-            }
-        }
-    }
-    drop(listener);
-    info!(
-        grace_s = grace.as_secs(),
-        "api listener closed; waiting for in-flight requests"
-    );
-    tokio::select! {
-        _ = graceful.shutdown() => info!("all api connections finished"),
-        _ = tokio::time::sleep(grace) => warn!("grace period over; closing remaining api connections"),
-    }
 }

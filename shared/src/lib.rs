@@ -16,12 +16,14 @@
 //! - [`tls`]: trust stores (public roots plus customer CAs) and server identities.
 //! - [`secret`]: a string whose `Debug`/`Display` never show the value.
 //! - [`logging`]: `tracing` set-up, text or JSON.
+//! - [`log_limit`]: one log line per episode of a repeating error, not one per failure.
 //! - [`signal`]: the start of both programs' shutdown tree.
 
 pub mod credentials;
 pub mod errors;
 pub mod gitlab_url;
 pub mod headers;
+pub mod log_limit;
 pub mod logging;
 pub mod policy;
 pub mod secret;

@@ -102,6 +102,24 @@ pub struct ServeArgs {
     /// PEM bundle of extra CAs trusted for direct-mode GitLabs.
     #[arg(long, env = "GITPROXY_CA_CERT_FILE")]
     pub ca_cert_file: Option<PathBuf>,
+    /// Limit on receiving a request head on the api listener, counted from
+    /// its first byte (HTTP/1.1; slowloris).
+    #[arg(long, env = "GITPROXY_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
+    /// Limit on a new connection's handshake: TLS, then the first bytes
+    /// (HTTP version detection, the HTTP/2 preface), on both listeners.
+    #[arg(long, env = "GITPROXY_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+    /// An api connection with no request in flight for this long is closed
+    /// (keep it above the idle timeout of a load balancer in front).
+    #[arg(long, env = "GITPROXY_IDLE_TIMEOUT", default_value = "120s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+    /// Most open connections on the api listener; more wait in the listen queue.
+    #[arg(long, env = "GITPROXY_MAX_API_CONNECTIONS", default_value_t = 4096)]
+    pub max_api_connections: usize,
+    /// Most open connections on the agent listener; more wait in the listen queue.
+    #[arg(long, env = "GITPROXY_MAX_AGENT_CONNECTIONS", default_value_t = 16384)]
+    pub max_agent_connections: usize,
     /// Per-request receive window in bytes (memory bound per response body).
     #[arg(long, env = "GITPROXY_WINDOW_BYTES", default_value_t = gitproxy_shared::tunnel::FlowSettings::default().window_bytes, hide = true)]
     pub window_bytes: u32,

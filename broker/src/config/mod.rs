@@ -37,6 +37,21 @@ pub struct TunnelSettings {
     pub flow: FlowSettings,
 }
 
+/// Limits of the two listeners against idle, slow and too many connections.
+#[derive(Debug, Clone)]
+pub struct ListenerSettings {
+    /// Limit on a request head from its first byte (api listener, HTTP/1.1).
+    pub header_read_timeout: Duration,
+    /// Limit on TLS plus the first bytes / HTTP/2 preface (both listeners).
+    pub handshake_timeout: Duration,
+    /// An api connection with no request in flight for this long is closed.
+    pub idle_timeout: Duration,
+    /// Most open api connections.
+    pub max_api_connections: usize,
+    /// Most open agent connections.
+    pub max_agent_connections: usize,
+}
+
 /// The validated broker configuration.
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
@@ -63,6 +78,8 @@ pub struct BrokerConfig {
     pub tunnel: TunnelSettings,
     /// How long in-flight requests may take on shutdown.
     pub shutdown_grace: Duration,
+    /// Timeouts and connection caps of the listeners.
+    pub listeners: ListenerSettings,
     /// The broker's early policy check (the agent's holds regardless).
     pub policy: Policy,
     /// Extra CAs (PEM) for direct-mode GitLabs.
@@ -136,6 +153,18 @@ impl BrokerConfig {
             ..FlowSettings::default()
         };
         flow.validate().map_err(anyhow::Error::msg)?;
+        for (flag, d) in [
+            ("--header-read-timeout", a.header_read_timeout),
+            ("--handshake-timeout", a.handshake_timeout),
+            ("--idle-timeout", a.idle_timeout),
+        ] {
+            if d.is_zero() {
+                bail!("{flag} must be more than 0s");
+            }
+        }
+        if a.max_api_connections == 0 || a.max_agent_connections == 0 {
+            bail!("--max-api-connections and --max-agent-connections must be at least 1");
+        }
         if a.heartbeat_timeout < a.heartbeat_interval * 2 {
             bail!("--heartbeat-timeout must be at least twice --heartbeat-interval");
         }
@@ -158,6 +187,13 @@ impl BrokerConfig {
                 flow,
             },
             shutdown_grace: a.shutdown_grace,
+            listeners: ListenerSettings {
+                header_read_timeout: a.header_read_timeout,
+                handshake_timeout: a.handshake_timeout,
+                idle_timeout: a.idle_timeout,
+                max_api_connections: a.max_api_connections,
+                max_agent_connections: a.max_agent_connections,
+            },
             policy,
             extra_ca_pem,
             public_url,

@@ -97,7 +97,7 @@ async fn forward_request(
             },
         ));
     }
-    let t = target::parse(req.uri())?;
+    let t = target::parse(req.version(), req.uri())?;
     let conn = conns.get(&t.connection).ok_or_else(|| {
         GitproxyError::new(
             ErrorCode::UnknownConnection,
