@@ -7,6 +7,9 @@
 //!   and the classification of network failures into those codes.
 //! - [`policy`]: which requests may travel to GitLab at all.
 //! - [`headers`]: hop-by-hop and `X-Gitproxy-*` filtering, wire conversion.
+//! - [`sanitize`]: text from the other end of the tunnel made safe to log
+//!   and show (printable, bounded).
+//! - [`idle`]: the body idle timeout.
 //! - [`upstream`]: the HTTP client that replays a request against GitLab
 //!   (the agent, and the broker in direct mode).
 //! - [`tls`]: trust stores (public roots plus customer CAs) and server identities.
@@ -16,8 +19,10 @@
 
 pub mod errors;
 pub mod headers;
+pub mod idle;
 pub mod logging;
 pub mod policy;
+pub mod sanitize;
 pub mod secret;
 pub mod signal;
 pub mod tls;
