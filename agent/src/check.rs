@@ -13,6 +13,7 @@ use gitproxy_proto::v1::{
     agent_message::Msg as Out, broker_message::Msg as In, AgentMessage, Hello,
 };
 use gitproxy_shared::errors::ErrorCode;
+use gitproxy_shared::sanitize;
 use gitproxy_shared::tunnel::outbound::{Control, ControlFrame, Outbound};
 use gitproxy_shared::upstream::{Upstream, UpstreamConfig};
 use http::{HeaderMap, HeaderValue, Method};
@@ -410,7 +411,10 @@ async fn handshake(cfg: &AgentConfig, io: Box<dyn dial::Io>) -> Result<String, (
         Err(s) if s.code() == tonic::Code::Unauthenticated => return Err(wrong_key()),
         Err(s) => {
             return Err((
-                format!("the broker refused the tunnel: {}", s.message()),
+                format!(
+                    "the broker refused the tunnel: {}",
+                    sanitize::text(s.message(), sanitize::MAX_REASON_BYTES)
+                ),
                 String::new(),
             ))
         }
@@ -421,6 +425,17 @@ async fn handshake(cfg: &AgentConfig, io: Box<dyn dial::Io>) -> Result<String, (
     match first {
         Ok(Ok(Some(m))) => match m.msg {
             Some(In::Welcome(w)) => {
+                // Printed on the operator's terminal and used as the URL:
+                // refused, not cleaned, when it holds control characters.
+                if w.gitlab_url.len() > sanitize::MAX_URL_BYTES
+                    || w.gitlab_url.chars().any(sanitize::is_unsafe)
+                {
+                    return Err((
+                        "the broker sent a GitLab URL that is too long or holds control characters"
+                            .into(),
+                        String::new(),
+                    ));
+                }
                 if let Some(pin) = &cfg.gitlab_url {
                     if pin.as_str().trim_end_matches('/') != w.gitlab_url.trim_end_matches('/') {
                         return Err((
@@ -438,7 +453,10 @@ async fn handshake(cfg: &AgentConfig, io: Box<dyn dial::Io>) -> Result<String, (
         },
         Ok(Err(s)) if s.code() == tonic::Code::Unauthenticated => Err(wrong_key()),
         Ok(Err(s)) => Err((
-            format!("the broker refused the tunnel: {}", s.message()),
+            format!(
+                "the broker refused the tunnel: {}",
+                sanitize::text(s.message(), sanitize::MAX_REASON_BYTES)
+            ),
             String::new(),
         )),
         Ok(Ok(None)) => Err(("the broker closed the stream".into(), String::new())),
