@@ -1,7 +1,7 @@
 //! Text that came from the other end of the tunnel, made safe to store, log
 //! and show.
 //!
-//! An agent's Hello (instance name, version, capabilities, pinned URL), its
+//! An agent's Hello (instance name, version, pinned URL), its
 //! `Error` frames (message and hint reach callers' JSON bodies and logs) and
 //! `Drain` reasons, and on the agent a broker's `Welcome`, `Drain` reasons
 //! and request methods and paths in log lines, are all peer input. Without
@@ -30,10 +30,6 @@ use std::borrow::Cow;
 pub const MAX_INSTANCE_BYTES: usize = 128;
 /// Agent version (Hello).
 pub const MAX_VERSION_BYTES: usize = 64;
-/// One capability name (Hello).
-pub const MAX_CAPABILITY_BYTES: usize = 64;
-/// Capabilities read from a Hello; the rest are ignored.
-pub const MAX_CAPABILITIES: usize = 16;
 /// A URL a peer sends (pinned GitLab URL, Welcome's GitLab URL); a longer one
 /// is refused, not cut, since a cut URL names another place.
 pub const MAX_URL_BYTES: usize = 2048;
