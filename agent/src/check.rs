@@ -13,6 +13,7 @@ use gitproxy_proto::v1::{
     agent_message::Msg as Out, broker_message::Msg as In, AgentMessage, Hello,
 };
 use gitproxy_shared::errors::ErrorCode;
+use gitproxy_shared::sanitize;
 use gitproxy_shared::tunnel::outbound::{Control, ControlFrame, Outbound};
 use gitproxy_shared::upstream::{Upstream, UpstreamConfig};
 use http::{HeaderMap, HeaderValue, Method};
@@ -411,7 +412,10 @@ async fn handshake(cfg: &AgentConfig, io: Box<dyn dial::Io>) -> Result<String, (
         Err(s) if s.code() == tonic::Code::Unauthenticated => return Err(wrong_key()),
         Err(s) => {
             return Err((
-                format!("the broker refused the tunnel: {}", s.message()),
+                format!(
+                    "the broker refused the tunnel: {}",
+                    sanitize::text(s.message(), sanitize::MAX_REASON_BYTES)
+                ),
                 String::new(),
             ))
         }
@@ -422,6 +426,17 @@ async fn handshake(cfg: &AgentConfig, io: Box<dyn dial::Io>) -> Result<String, (
     match first {
         Ok(Ok(Some(m))) => match m.msg {
             Some(In::Welcome(w)) => {
+                // Printed on the operator's terminal and used as the URL:
+                // refused, not cleaned, when it holds control characters.
+                if w.gitlab_url.len() > sanitize::MAX_URL_BYTES
+                    || w.gitlab_url.chars().any(sanitize::is_unsafe)
+                {
+                    return Err((
+                        "the broker sent a GitLab URL that is too long or holds control characters"
+                            .into(),
+                        String::new(),
+                    ));
+                }
                 // Validated like every GitLab URL before it is shown or used.
                 let asked =
                     gitproxy_shared::gitlab_url::parse_gitlab_url(&w.gitlab_url).map_err(|e| {
@@ -447,7 +462,10 @@ async fn handshake(cfg: &AgentConfig, io: Box<dyn dial::Io>) -> Result<String, (
         },
         Ok(Err(s)) if s.code() == tonic::Code::Unauthenticated => Err(wrong_key()),
         Ok(Err(s)) => Err((
-            format!("the broker refused the tunnel: {}", s.message()),
+            format!(
+                "the broker refused the tunnel: {}",
+                sanitize::text(s.message(), sanitize::MAX_REASON_BYTES)
+            ),
             String::new(),
         )),
         Ok(Ok(None)) => Err(("the broker closed the stream".into(), String::new())),

@@ -101,6 +101,11 @@ pub struct RunArgs {
     /// agent's DNS cannot resolve; applies to the broker and GitLab.
     #[arg(long, env = "GITPROXY_RESOLVE", value_delimiter = ',')]
     pub resolve: Vec<String>,
+    /// A body that sends no data for this long while the agent waits for it
+    /// (GitLab's response, the broker's request body) ends with `timeout`
+    /// (0s = never).
+    #[arg(long, env = "GITPROXY_BODY_IDLE_TIMEOUT", default_value = "300s", value_parser = humantime::parse_duration)]
+    pub body_idle_timeout: Duration,
     /// Per-request receive window in bytes (memory bound per request body).
     #[arg(long, env = "GITPROXY_WINDOW_BYTES", default_value_t = FlowSettings::default().window_bytes, hide = true)]
     pub window_bytes: u32,
@@ -165,6 +170,8 @@ pub struct AgentConfig {
     pub flow: FlowSettings,
     /// Static host overrides.
     pub resolve: Vec<(String, std::net::IpAddr)>,
+    /// Longest silence of a body while the agent waits for it (0 = never).
+    pub body_idle_timeout: Duration,
 }
 
 fn secret_from(
@@ -279,6 +286,7 @@ impl AgentConfig {
             connect_timeout: a.connect_timeout,
             flow,
             resolve,
+            body_idle_timeout: a.body_idle_timeout,
         })
     }
 }

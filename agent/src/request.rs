@@ -1,6 +1,8 @@
 //! One request replayed against GitLab: build it from the head, stream the
 //! body in (credit handed back as GitLab takes it), stream the answer out
-//! within the broker's credit, and log one line.
+//! within the broker's credit, and log one line. A GitLab that stops sending
+//! mid-body for the body idle time ends the request with `timeout`; time
+//! spent waiting for the broker's credit (a slow caller) does not count.
 
 use crate::session::{error_frame, Shared};
 use base64::Engine;
@@ -10,6 +12,8 @@ use gitproxy_proto::v1::{
 };
 use gitproxy_shared::errors::{ErrorCode, GitproxyError};
 use gitproxy_shared::headers;
+use gitproxy_shared::idle::{self, IdleTimeout};
+use gitproxy_shared::sanitize;
 use gitproxy_shared::secret::Secret;
 use gitproxy_shared::tunnel::body::BodyReceiver;
 use gitproxy_shared::tunnel::credit::SendCredit;
@@ -47,14 +51,18 @@ pub(crate) async fn serve(
     // A cancel also closes the credit, which can end `relay` first.
     let cancelled = cancel.is_cancelled();
     shared.finish(id);
-    let duration_ms = started.elapsed().as_millis() as u64;
-    let path = head.path.split('?').next().unwrap_or("");
+    let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let path = sanitize::text(
+        head.path.split('?').next().unwrap_or(""),
+        sanitize::MAX_PATH_BYTES,
+    );
+    let method = sanitize::text(&head.method, sanitize::MAX_METHOD_BYTES);
     if cancelled {
-        info!(request_id = id, method = %head.method, path = %path, status = tally.status, bytes_out = tally.bytes_out, duration_ms, "request cancelled by the broker");
+        info!(request_id = id, method = %method, path = %path, status = tally.status, bytes_out = tally.bytes_out, duration_ms, "request cancelled by the broker");
     } else if let Some(code) = tally.error {
-        warn!(request_id = id, method = %head.method, path = %path, status = tally.status, bytes_out = tally.bytes_out, duration_ms, error = %code, "request failed");
+        warn!(request_id = id, method = %method, path = %path, status = tally.status, bytes_out = tally.bytes_out, duration_ms, error = %code, "request failed");
     } else {
-        info!(request_id = id, method = %head.method, path = %path, status = tally.status, bytes_out = tally.bytes_out, duration_ms, "request");
+        info!(request_id = id, method = %method, path = %path, status = tally.status, bytes_out = tally.bytes_out, duration_ms, "request");
     }
 }
 
@@ -85,7 +93,10 @@ async fn relay(
     if let Some(token) = &shared.cfg.gitlab_token {
         target = use_own_token(&mut hdrs, &target, token);
     }
-    let body = body.map(reqwest::Body::wrap);
+    let idle = shared.cfg.body_idle_timeout;
+    // The broker's request body: a broker that keeps it open without data
+    // cannot hold GitLab's connection forever either.
+    let body = body.map(|b| reqwest::Body::wrap(IdleTimeout::new(b, idle, "the broker")));
     let send = shared.upstream.send(method.clone(), &target, hdrs, body);
     let result = if head.timeout_ms > 0 {
         match tokio::time::timeout(Duration::from_millis(head.timeout_ms), send).await {
@@ -121,7 +132,23 @@ async fn relay(
     }
     let max_chunk = shared.broker_flow.max_chunk_bytes as usize;
     loop {
-        match resp.chunk().await {
+        // Only the wait for GitLab counts towards the idle time, not the
+        // wait for credit below.
+        let Some(chunk) = idle::within(idle, resp.chunk()).await else {
+            let err = GitproxyError::new(
+                ErrorCode::Timeout,
+                format!(
+                    "GitLab sent no data for {}s in the middle of the response (after {} bytes); the body idle timeout (GITPROXY_BODY_IDLE_TIMEOUT) ended it",
+                    idle.as_secs_f32(),
+                    tally.bytes_out
+                ),
+            );
+            tally.error = Some(err.error);
+            warn!(request_id = id, error = %err.error, "{}", err.message);
+            let _ = shared.tx.send(error_frame(id, &err)).await;
+            return;
+        };
+        match chunk {
             Ok(Some(mut bytes)) => {
                 while !bytes.is_empty() {
                     let part: Bytes = bytes.split_to(bytes.len().min(max_chunk));

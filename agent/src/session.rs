@@ -5,6 +5,13 @@
 //! into the request's credit-bounded channel, credit and cancels update shared
 //! state. So a slow GitLab or a slow caller for one request never holds up the
 //! frames of the others.
+//!
+//! What the broker sends is checked too: a frame the protocol does not allow
+//! ends the request it concerns with `protocol_error` and counts as a
+//! violation (logged without flooding; past the limit the session ends and
+//! the supervisor reconnects), and broker-chosen text (Welcome, Drain
+//! reasons, methods and paths, status messages) is cleaned before it is
+//! logged.
 
 use crate::config::AgentConfig;
 use crate::dial::{self, DialError};
@@ -15,13 +22,16 @@ use gitproxy_proto::v1::{
 };
 use gitproxy_shared::errors::{ErrorCode, GitproxyError};
 use gitproxy_shared::gitlab_url::{self, GitlabUrlError};
+use gitproxy_shared::sanitize;
 use gitproxy_shared::tunnel::body::{self, BodySender, PushError};
 use gitproxy_shared::tunnel::credit::SendCredit;
 use gitproxy_shared::tunnel::outbound::{Control, ControlFrame, Outbound};
+use gitproxy_shared::tunnel::violations::{Verdict, Violations};
 use gitproxy_shared::tunnel::FlowSettings;
 use gitproxy_shared::upstream::{Upstream, UpstreamConfig};
 use gitproxy_shared::VERSION;
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch, Notify};
@@ -90,6 +100,9 @@ pub enum SessionError {
     /// No frame from the broker for too long.
     #[error("no frame from the broker for {0:?}: assuming it is dead")]
     HeartbeatTimeout(Duration),
+    /// The broker broke the tunnel protocol too often.
+    #[error("ending the tunnel stream: {0}")]
+    Protocol(String),
     /// The GitLab client could not be built.
     #[error("cannot build the GitLab client: {0}")]
     Upstream(String),
@@ -181,13 +194,15 @@ impl Shared {
         }
     }
 
-    /// Ends a request because the broker broke the protocol.
+    /// Ends request `id`, if it is live here, because the broker broke the
+    /// protocol (the broker is told with an Error frame). Ids not live here
+    /// get no answer: the broker never sent them, or is done with them.
     fn protocol_error(&self, id: u64, what: &str) {
-        warn!(request_id = id, "protocol error from the broker: {what}");
-        if let Some(e) = self.lock().remove(&id) {
-            e.cancel.cancel();
-            e.credit.close();
-        }
+        let Some(e) = self.lock().remove(&id) else {
+            return;
+        };
+        e.cancel.cancel();
+        e.credit.close();
         self.reply_error(
             id,
             &GitproxyError::new(ErrorCode::ProtocolError, format!("protocol error: {what}")),
@@ -266,7 +281,7 @@ pub async fn run(ctx: SessionContext) -> Result<SessionEnd, SessionError> {
             return Err(SessionError::Refused(format!(
                 "{}: {}",
                 s.code(),
-                s.message()
+                sanitize::text(s.message(), sanitize::MAX_REASON_BYTES)
             )))
         }
     };
@@ -292,7 +307,7 @@ pub async fn run(ctx: SessionContext) -> Result<SessionEnd, SessionError> {
             return Err(SessionError::Handshake(format!(
                 "{}: {}",
                 s.code(),
-                s.message()
+                sanitize::text(s.message(), sanitize::MAX_REASON_BYTES)
             )))
         }
         Err(_) => return Err(SessionError::Handshake("no Welcome within 15s".into())),
@@ -324,11 +339,7 @@ pub async fn run(ctx: SessionContext) -> Result<SessionEnd, SessionError> {
     let session_cancel = CancellationToken::new();
     let _abort_requests = session_cancel.clone().drop_guard();
 
-    let mut reader = Reader {
-        shared: shared.clone(),
-        session_cancel: session_cancel.clone(),
-        last_id: 0,
-    };
+    let mut reader = Reader::new(shared.clone(), session_cancel.clone());
     let mut heartbeat = tokio::time::interval(hb_interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_seen = Instant::now();
@@ -354,11 +365,18 @@ pub async fn run(ctx: SessionContext) -> Result<SessionEnd, SessionError> {
             msg = inbound.message() => match msg {
                 Ok(Some(m)) => {
                     last_seen = Instant::now();
-                    if let Some(reason) = reader.dispatch(m) {
-                        if drain.is_none() {
-                            info!(reason = %reason, in_flight = shared.in_flight(), "the broker asked to drain: opening a new stream, finishing in-flight requests here");
-                            drain = Some(Drainage { shutdown: false, deadline: Instant::now() + cfg.shutdown_grace.max(Duration::from_secs(60)) });
-                            let _ = ctx.events.send(SessionEvent::DrainRequested { generation: ctx.generation }).await;
+                    match reader.dispatch(m) {
+                        Dispatch::Continue => {}
+                        Dispatch::Drain(reason) => {
+                            if drain.is_none() {
+                                info!(reason = %reason, in_flight = shared.in_flight(), "the broker asked to drain: opening a new stream, finishing in-flight requests here");
+                                drain = Some(Drainage { shutdown: false, deadline: Instant::now() + cfg.shutdown_grace.max(Duration::from_secs(60)) });
+                                let _ = ctx.events.send(SessionEvent::DrainRequested { generation: ctx.generation }).await;
+                            }
+                        }
+                        Dispatch::End(reason) => {
+                            reader.violations.flush();
+                            return Err(SessionError::Protocol(reason));
                         }
                     }
                 }
@@ -369,13 +387,14 @@ pub async fn run(ctx: SessionContext) -> Result<SessionEnd, SessionError> {
                         None => Ok(SessionEnd::BrokerClosed),
                     };
                 }
-                Err(s) => return Err(SessionError::Stream(format!("{}: {}", s.code(), s.message()))),
+                Err(s) => return Err(SessionError::Stream(format!("{}: {}", s.code(), sanitize::text(s.message(), sanitize::MAX_REASON_BYTES)))),
             },
             _ = heartbeat.tick() => {
                 let silent = last_seen.elapsed();
                 if silent > hb_timeout {
                     return Err(SessionError::HeartbeatTimeout(silent));
                 }
+                reader.violations.flush();
                 ping_nonce += 1;
                 // A full queue means frames are flowing anyway.
                 let _ = tx.try_send(AgentMessage { msg: Some(Out::Ping(Ping { nonce: ping_nonce })) });
@@ -417,6 +436,26 @@ struct Drainage {
 }
 
 fn check_welcome(w: &Welcome) -> Result<(FlowSettings, Duration, Duration), SessionError> {
+    // Both are logged and the URL is where requests go: never clean them
+    // silently (a URL parser drops tabs and newlines), refuse them.
+    let id = &w.connection_id;
+    if id.is_empty()
+        || id.len() > 63
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err(SessionError::Handshake(format!(
+            "the broker sent an invalid connection id {:?}",
+            sanitize::text(id, 64)
+        )));
+    }
+    if w.gitlab_url.len() > sanitize::MAX_URL_BYTES || w.gitlab_url.chars().any(sanitize::is_unsafe)
+    {
+        return Err(SessionError::Handshake(
+            "the broker sent a GitLab URL that is too long or holds control characters".into(),
+        ));
+    }
     let flow = FlowSettings {
         window_bytes: w.window_bytes,
         min_frame_cost: w.min_frame_cost,
@@ -477,6 +516,17 @@ fn upstream_for(ctx: &SessionContext, welcome_url: &str) -> Result<Upstream, Ses
     Ok(u)
 }
 
+/// What the dispatcher decided about the stream.
+#[derive(Debug, PartialEq, Eq)]
+enum Dispatch {
+    /// Keep reading.
+    Continue,
+    /// The broker asks this stream to drain (its reason, cleaned).
+    Drain(String),
+    /// The broker broke the protocol too often: end the stream.
+    End(String),
+}
+
 /// The dispatcher's own state.
 struct Reader {
     shared: Arc<Shared>,
@@ -484,45 +534,104 @@ struct Reader {
     /// Highest request id seen: a frame for an id at or below it with no
     /// entry is a late frame of a finished request, one above it is bogus.
     last_id: u64,
+    violations: Violations,
+    /// Tests keep started requests here instead of replaying them.
+    #[cfg(test)]
+    held: Option<
+        Vec<(
+            RequestHead,
+            Option<gitproxy_shared::tunnel::body::BodyReceiver>,
+        )>,
+    >,
 }
 
 impl Reader {
-    /// Handles one frame without waiting. Returns the reason when the broker
-    /// asks to drain.
-    fn dispatch(&mut self, m: BrokerMessage) -> Option<String> {
-        match m.msg {
+    fn new(shared: Arc<Shared>, session_cancel: CancellationToken) -> Self {
+        Reader {
+            shared,
+            session_cancel,
+            last_id: 0,
+            violations: Violations::new("broker"),
+            #[cfg(test)]
+            held: None,
+        }
+    }
+
+    /// Handles one frame without waiting.
+    fn dispatch(&mut self, m: BrokerMessage) -> Dispatch {
+        let flow = match m.msg {
             Some(In::RequestHead(h)) => self.start(h),
             Some(In::Data(d)) => self.data(d.id, d.data),
             Some(In::End(e)) => self.end(e.id),
             Some(In::Cancel(Cancel { id })) => {
+                // A Cancel may overtake its own RequestHead (control frames
+                // go first), so an unknown id is not a violation.
                 if let Some(e) = self.shared.lock().remove(&id) {
                     debug!(request_id = id, "cancelled by the broker");
                     e.cancel.cancel();
                     e.credit.close();
                 }
+                ControlFlow::Continue(())
             }
             Some(In::Credit(c)) => self.credit(c.id, c.bytes),
-            Some(In::Ping(p)) => self.shared.control.pong(p.nonce),
-            Some(In::Pong(_)) => {}
-            Some(In::Drain(d)) => return Some(d.reason),
-            Some(In::Welcome(_)) => warn!("unexpected second Welcome ignored"),
-            None => debug!("frame of an unknown kind ignored (newer broker?)"),
+            Some(In::Ping(p)) => {
+                self.shared.control.pong(p.nonce);
+                ControlFlow::Continue(())
+            }
+            Some(In::Pong(_)) => ControlFlow::Continue(()),
+            Some(In::Drain(d)) => {
+                return Dispatch::Drain(sanitize::owned(&d.reason, sanitize::MAX_REASON_BYTES))
+            }
+            Some(In::Welcome(_)) => self.violation(0, "a second Welcome"),
+            None => {
+                debug!("frame of an unknown kind ignored (newer broker?)");
+                ControlFlow::Continue(())
+            }
+        };
+        match flow {
+            ControlFlow::Continue(()) => Dispatch::Continue,
+            ControlFlow::Break(reason) => Dispatch::End(reason),
         }
-        None
     }
 
-    fn start(&mut self, h: RequestHead) {
+    /// Counts one violation by the broker; `Break` at the limit.
+    fn violation(&self, id: u64, what: &str) -> ControlFlow<String> {
+        match self.violations.record(id, what) {
+            Verdict::Continue => ControlFlow::Continue(()),
+            Verdict::End(reason) => ControlFlow::Break(reason),
+        }
+    }
+
+    /// A violation about request `id`: it ends here if it is live.
+    fn request_violation(&self, id: u64, what: &str) -> ControlFlow<String> {
+        self.shared.protocol_error(id, what);
+        self.violation(id, what)
+    }
+
+    /// Whether `id` can only be bogus (never sent by the broker).
+    fn never_sent(&self, id: u64) -> bool {
+        id == 0 || id > self.last_id
+    }
+
+    fn start(&mut self, h: RequestHead) -> ControlFlow<String> {
         let id = h.id;
+        if id == 0 {
+            return self.violation(id, "RequestHead with id 0");
+        }
         // Ids are unique per stream but may arrive out of order (the broker
         // allocates them before queueing), so only a live id is a reuse.
-        if id == 0 || self.shared.lock().contains_key(&id) {
-            self.shared.protocol_error(id, "request id reused");
-            return;
+        if self.shared.lock().contains_key(&id) {
+            return self.request_violation(id, "request id reused");
         }
         self.last_id = self.last_id.max(id);
-        let path = h.path.split('?').next().unwrap_or("").to_string();
+        let method = sanitize::owned(&h.method, sanitize::MAX_METHOD_BYTES);
+        let path = sanitize::owned(
+            h.path.split('?').next().unwrap_or(""),
+            sanitize::MAX_PATH_BYTES,
+        );
         if let Err(reason) = self.shared.cfg.policy.check(&h.method, &h.path) {
-            warn!(request_id = id, method = %h.method, path = %truncate(&path), error = "blocked_by_policy", "refused by policy: {reason}");
+            let reason = sanitize::text(&reason, sanitize::MAX_REASON_BYTES);
+            warn!(request_id = id, method = %method, path = %path, error = "blocked_by_policy", "refused by policy: {reason}");
             self.shared.reply_error(
                 id,
                 &GitproxyError::new(
@@ -530,7 +639,7 @@ impl Reader {
                     format!("refused by the agent's policy: {reason}"),
                 ),
             );
-            return;
+            return ControlFlow::Continue(());
         }
         let (body_tx, body_rx) = if h.end_of_stream {
             (None, None)
@@ -553,16 +662,20 @@ impl Reader {
                 cancel: cancel.clone(),
             },
         );
-        let span = tracing::info_span!("request", request_id = id, method = %h.method, path = %truncate(&path));
+        #[cfg(test)]
+        if let Some(held) = self.held.as_mut() {
+            held.push((h, body_rx));
+            return ControlFlow::Continue(());
+        }
+        let span = tracing::info_span!("request", request_id = id, method = %method, path = %path);
         let shared = self.shared.clone();
         tokio::spawn(request::serve(shared, h, body_rx, credit, cancel).instrument(span));
+        ControlFlow::Continue(())
     }
 
-    fn data(&mut self, id: u64, data: bytes::Bytes) {
+    fn data(&mut self, id: u64, data: bytes::Bytes) -> ControlFlow<String> {
         if data.len() > self.shared.cfg.flow.max_chunk_bytes as usize {
-            self.shared
-                .protocol_error(id, "Data frame larger than the largest chunk");
-            return;
+            return self.request_violation(id, "Data frame larger than the largest chunk");
         }
         let res = {
             let map = self.shared.lock();
@@ -576,15 +689,13 @@ impl Reader {
             }
         };
         match res {
-            None if id > self.last_id => self
-                .shared
-                .protocol_error(id, "Data for an unknown request"),
-            Some(Err(what)) => self.shared.protocol_error(id, what),
-            _ => {}
+            None if self.never_sent(id) => self.violation(id, "Data for a request never sent"),
+            Some(Err(what)) => self.request_violation(id, what),
+            _ => ControlFlow::Continue(()),
         }
     }
 
-    fn end(&mut self, id: u64) {
+    fn end(&mut self, id: u64) -> ControlFlow<String> {
         let res = {
             let mut map = self.shared.lock();
             match map.get_mut(&id) {
@@ -593,29 +704,25 @@ impl Reader {
             }
         };
         match res {
-            None if id > self.last_id => {
-                self.shared.protocol_error(id, "End for an unknown request")
-            }
-            Some(Err(what)) => self.shared.protocol_error(id, what),
-            _ => {}
+            None if self.never_sent(id) => self.violation(id, "End for a request never sent"),
+            Some(Err(what)) => self.request_violation(id, what),
+            _ => ControlFlow::Continue(()),
         }
     }
 
-    fn credit(&mut self, id: u64, bytes: u32) {
+    fn credit(&mut self, id: u64, bytes: u32) -> ControlFlow<String> {
         let res = self
             .shared
             .lock()
             .get(&id)
             .map(|e| e.credit.grant(bytes as usize));
-        if let Some(Err(e)) = res {
-            self.shared.protocol_error(id, &e.to_string());
+        match res {
+            None if self.never_sent(id) => self.violation(id, "Credit for a request never sent"),
+            Some(Err(e)) => self.request_violation(id, &e.to_string()),
+            _ => ControlFlow::Continue(()),
         }
     }
 }
 
-fn truncate(s: &str) -> &str {
-    match s.char_indices().nth(200) {
-        Some((i, _)) => &s[..i],
-        None => s,
-    }
-}
+#[cfg(test)]
+mod props;

@@ -3,8 +3,8 @@
 //!
 //! Both are fed at the same two places: the front door (a request finished,
 //! in `frontdoor/body.rs`, or was refused/failed by gitproxy, in
-//! `frontdoor/mod.rs`) and the tunnel service (an agent connected or went
-//! away). Recording never waits: counters are atomics, and events go into a
+//! `frontdoor/mod.rs`) and the tunnel (an agent connected or went away, or
+//! broke the protocol: `tunnel/service.rs`, `tunnel/session.rs`). Recording never waits: counters are atomics, and events go into a
 //! bounded `broadcast` channel where a slow watcher loses the oldest events
 //! (it lags) instead of slowing traffic.
 //!
@@ -79,6 +79,7 @@ struct ConnMetrics {
     latency_sum: f64,
     agent_connects: u64,
     agent_disconnects: u64,
+    protocol_violations: u64,
 }
 
 /// Live values read at scrape time.
@@ -225,6 +226,11 @@ impl Observer {
         );
     }
 
+    /// An agent of `connection` broke the tunnel protocol once.
+    pub fn protocol_violation(&self, connection: &str) {
+        self.with(connection, |m| m.protocol_violations += 1);
+    }
+
     /// An agent stream of `connection` ended.
     pub fn agent_disconnected(&self, connection: &str, instance: &str, reason: &str) {
         self.with(connection, |m| m.agent_disconnects += 1);
@@ -364,6 +370,15 @@ impl Observer {
                 cm.agent_disconnects
             );
         }
+        let _ = writeln!(o, "# HELP gitproxy_protocol_violations_total Frames from agents the tunnel protocol does not allow (unknown ids, credit overruns, frame order, oversized or malformed heads, invalid statuses), per connection.\n# TYPE gitproxy_protocol_violations_total counter");
+        for (c, cm) in m.iter() {
+            let _ = writeln!(
+                o,
+                "gitproxy_protocol_violations_total{{connection=\"{}\"}} {}",
+                label(c),
+                cm.protocol_violations
+            );
+        }
         o
     }
 }
@@ -395,6 +410,8 @@ mod tests {
             agent: "a".into(),
         });
         o.agent_connected("acme", "a", "0.1.0");
+        o.protocol_violation("acme");
+        o.protocol_violation("acme");
         let g = Gauges {
             connections: vec![("acme".into(), "agent")],
             agents: [("acme".to_string(), 1)].into(),
@@ -407,6 +424,7 @@ mod tests {
         assert!(text.contains("gitproxy_response_bytes_total{connection=\"acme\"} 48"));
         assert!(text.contains("gitproxy_agents_connected{connection=\"acme\"} 1"));
         assert!(text.contains("le=\"0.005\"} 1"));
+        assert!(text.contains("gitproxy_protocol_violations_total{connection=\"acme\"} 2"));
         assert!(rx.try_recv().is_ok());
     }
 }

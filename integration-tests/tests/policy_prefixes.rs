@@ -5,8 +5,8 @@
 
 use gitproxy_integration_tests::harness::agent::Agent;
 use gitproxy_integration_tests::harness::broker::{Broker, BrokerSpec, ConnSpec};
-use gitproxy_integration_tests::harness::upstream::Upstream;
 use gitproxy_integration_tests::harness::client;
+use gitproxy_integration_tests::harness::upstream::Upstream;
 
 const KEY: &str = "prefix-access-key-0123456789abcdef";
 const PREFIX: &str = "/-/readiness";

@@ -42,6 +42,11 @@ pub const GITPROXY_PREFIX: &str = "x-gitproxy-";
 /// Largest total size of one head's headers, in bytes (names plus values).
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
+/// Most headers in one head. GitLab sends about 30; the bound keeps a head
+/// of many tiny headers (small in bytes) from costing more than a normal
+/// one, and far from `HeaderMap`'s own capacity limit.
+pub const MAX_HEADER_COUNT: usize = 256;
+
 /// Whether a header must not be forwarded, given the names the `Connection`
 /// header lists.
 fn is_dropped(name: &str, connection_listed: &[String]) -> bool {
@@ -98,16 +103,23 @@ pub fn response_to_wire(headers: &HeaderMap) -> Vec<Header> {
 }
 
 /// Rebuilds a header map from the wire, dropping anything invalid or
-/// hop-by-hop (the peer's filter is not trusted). Errors when the total size
-/// exceeds [`MAX_HEADER_BYTES`].
+/// hop-by-hop (the peer's filter is not trusted). Errors when there are more
+/// than [`MAX_HEADER_COUNT`] headers or their total size exceeds
+/// [`MAX_HEADER_BYTES`]; never panics, whatever the peer sent.
 pub fn from_wire(headers: &[Header]) -> Result<HeaderMap, String> {
+    if headers.len() > MAX_HEADER_COUNT {
+        return Err(format!(
+            "{} headers exceed the limit of {MAX_HEADER_COUNT}",
+            headers.len()
+        ));
+    }
     let total: usize = headers.iter().map(|h| h.name.len() + h.value.len()).sum();
     if total > MAX_HEADER_BYTES {
         return Err(format!(
             "headers of {total} bytes exceed the limit of {MAX_HEADER_BYTES}"
         ));
     }
-    let mut map = HeaderMap::with_capacity(headers.len());
+    let mut map = HeaderMap::try_with_capacity(headers.len()).map_err(|e| e.to_string())?;
     for h in headers {
         let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) else {
             continue;
@@ -118,7 +130,7 @@ pub fn from_wire(headers: &[Header]) -> Result<HeaderMap, String> {
         let Ok(value) = HeaderValue::from_bytes(&h.value) else {
             continue;
         };
-        map.append(name, value);
+        map.try_append(name, value).map_err(|e| e.to_string())?;
     }
     Ok(map)
 }
@@ -184,5 +196,47 @@ mod tests {
         let map = from_wire(&odd).unwrap();
         assert_eq!(map.len(), 1);
         assert!(map.contains_key("x-ok"));
+    }
+
+    #[test]
+    fn from_wire_bounds_the_header_count() {
+        let tiny = |n: usize| -> Vec<Header> {
+            (0..n)
+                .map(|_| Header {
+                    name: "x".into(),
+                    value: vec![],
+                })
+                .collect()
+        };
+        assert_eq!(
+            from_wire(&tiny(MAX_HEADER_COUNT)).unwrap().len(),
+            MAX_HEADER_COUNT
+        );
+        // 30,000 tiny headers pass the byte limit; they once made
+        // `HeaderMap::with_capacity` panic.
+        let e = from_wire(&tiny(30_000)).unwrap_err();
+        assert!(e.contains("30000 headers"), "{e}");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn prop_from_wire_never_panics(
+            headers in proptest::collection::vec(
+                (".{0,12}", proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40)),
+                0..400,
+            )
+        ) {
+            let wire: Vec<Header> = headers
+                .into_iter()
+                .map(|(name, value)| Header { name, value })
+                .collect();
+            if let Ok(map) = from_wire(&wire) {
+                proptest::prop_assert!(map.len() <= MAX_HEADER_COUNT);
+            } else {
+                proptest::prop_assert!(
+                    wire.len() > MAX_HEADER_COUNT || wire_size(&wire) > MAX_HEADER_BYTES
+                );
+            }
+        }
     }
 }

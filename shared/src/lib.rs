@@ -11,6 +11,9 @@
 //! - [`credentials`]: GitLab credentials in headers and queries, recognised
 //!   as GitLab (Rack) reads them.
 //! - [`headers`]: hop-by-hop and `X-Gitproxy-*` filtering, wire conversion.
+//! - [`sanitize`]: text from the other end of the tunnel made safe to log
+//!   and show (printable, bounded).
+//! - [`idle`]: the body idle timeout.
 //! - [`upstream`]: the HTTP client that replays a request against GitLab
 //!   (the agent, and the broker in direct mode).
 //! - [`tls`]: trust stores (public roots plus customer CAs) and server identities.
@@ -23,9 +26,11 @@ pub mod credentials;
 pub mod errors;
 pub mod gitlab_url;
 pub mod headers;
+pub mod idle;
 pub mod log_limit;
 pub mod logging;
 pub mod policy;
+pub mod sanitize;
 pub mod secret;
 pub mod signal;
 pub mod tls;

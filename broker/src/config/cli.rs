@@ -75,6 +75,10 @@ pub struct ServeArgs {
     /// Limit on waiting for GitLab's response head.
     #[arg(long, env = "GITPROXY_REQUEST_TIMEOUT", default_value = "300s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
+    /// A response or request body that sends no data for this long while
+    /// someone waits for it ends with `timeout` (0s = never).
+    #[arg(long, env = "GITPROXY_BODY_IDLE_TIMEOUT", default_value = "300s", value_parser = humantime::parse_duration)]
+    pub body_idle_timeout: Duration,
     /// Most requests in flight per connection before answering `overloaded`.
     #[arg(long, env = "GITPROXY_MAX_IN_FLIGHT", default_value_t = 2048)]
     pub max_in_flight: usize,

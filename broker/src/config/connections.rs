@@ -446,7 +446,7 @@ mod tests {
             ],
             ..FileConfig::default()
         };
-        let e = ConnectionSet::from_file(&file, None, b"").unwrap_err();
+        let e = ConnectionSet::from_file(&file, None, b"", &Policy::default()).unwrap_err();
         let text = format!("{e:#}");
         assert!(text.contains("same access_key_sha256"), "{text}");
         assert!(!text.contains(&sha256_hex(b"same")), "{text}");
@@ -465,7 +465,7 @@ mod tests {
                 ..StoredConnection::default()
             },
         );
-        assert!(ConnectionSet::from_sources(&file, None, &api, b"").is_err());
+        assert!(ConnectionSet::from_sources(&file, None, &api, b"", &Policy::default()).is_err());
     }
 
     #[test]

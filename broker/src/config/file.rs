@@ -211,7 +211,7 @@ mod tests {
                     prop_assert!(!m.contains("S3cr3t"), "{m}");
                 }
                 Ok(f) => {
-                    if let Err(e) = ConnectionSet::from_file(&f, None, b"") {
+                    if let Err(e) = ConnectionSet::from_file(&f, None, b"", &gitproxy_shared::policy::Policy::default()) {
                         let m = format!("{e:#}");
                         prop_assert!(!m.contains("S3cr3t"), "{m}");
                     }

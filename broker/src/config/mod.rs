@@ -31,6 +31,8 @@ pub struct TunnelSettings {
     pub max_connection_age: Duration,
     /// Limit on waiting for GitLab's response head.
     pub request_timeout: Duration,
+    /// Longest silence of a body while someone waits for it (0 = never).
+    pub body_idle_timeout: Duration,
     /// Most requests in flight per connection before `overloaded`.
     pub max_in_flight: usize,
     /// Per-request flow control of response bodies.
@@ -183,6 +185,7 @@ impl BrokerConfig {
                 heartbeat_timeout: a.heartbeat_timeout,
                 max_connection_age: a.max_connection_age,
                 request_timeout: a.request_timeout,
+                body_idle_timeout: a.body_idle_timeout,
                 max_in_flight: a.max_in_flight,
                 flow,
             },

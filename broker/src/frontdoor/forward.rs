@@ -1,5 +1,6 @@
 //! Delivery of a front-door request, through the connection's agent or
 //! directly, streaming both ways, and the answer rebuilt for the caller.
+//! Response bodies carry the body idle timeout (`gitproxy_shared::idle`).
 
 use super::body::{Guards, Logged, Obs, RequestLog, SyncBody};
 use super::credentials;
@@ -12,6 +13,7 @@ use axum::body::Body;
 use gitproxy_proto::v1::{Header, RequestHead};
 use gitproxy_shared::errors::{ErrorCode, GitproxyError};
 use gitproxy_shared::headers;
+use gitproxy_shared::idle::IdleTimeout;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body as _;
 use std::sync::atomic::AtomicU64;
@@ -99,15 +101,18 @@ pub async fn via_agent(
     let body = (!body.is_end_stream()).then_some(body);
     let retryable = body.is_none() && is_idempotent(&parts.method);
     let mut body = body;
-    let mut attempt = 0;
+    // Sessions that failed this request; the one retry goes elsewhere.
+    let mut tried: Vec<Arc<crate::tunnel::AgentSession>> = Vec::new();
+    let mut failed: Option<GitproxyError> = None;
     let (answer, guard, session_instance) = loop {
-        attempt += 1;
-        let session = state.registry.pick(&conn.id).ok_or_else(|| {
-            GitproxyError::new(
-                ErrorCode::AgentNotConnected,
-                format!("no agent is connected for connection {}", conn.id),
-            )
-        })?;
+        let Some(session) = state.registry.pick_excluding(&conn.id, &tried) else {
+            return Err(failed.unwrap_or_else(|| {
+                GitproxyError::new(
+                    ErrorCode::AgentNotConnected,
+                    format!("no agent is connected for connection {}", conn.id),
+                )
+            }));
+        };
         let mut hdrs = wire_headers.clone();
         if !session.holds_token && !credentials::caller_has_credentials(&hdrs, &t.target) {
             if let Some(token) = &conn.token {
@@ -135,17 +140,12 @@ pub async fn via_agent(
         {
             Ok((a, g)) => break (a, (g, bytes_in), session.instance.clone()),
             // A request without body that never got an answer from a dying
-            // agent is safe to try once more on another agent, if any.
-            Err(e)
-                if e.error == ErrorCode::AgentDisconnected
-                    && retryable
-                    && attempt < 2
-                    && state
-                        .registry
-                        .pick(&conn.id)
-                        .is_some_and(|s| !Arc::ptr_eq(&s, &session)) =>
-            {
-                continue
+            // agent is safe to try once more on another agent, if any (never
+            // the one that failed it).
+            Err(e) if e.error == ErrorCode::AgentDisconnected && retryable && tried.is_empty() => {
+                tried.push(session);
+                failed = Some(e);
+                continue;
             }
             Err(e) => return Err(e),
         }
@@ -168,8 +168,17 @@ pub async fn via_agent(
         request: Some(guard),
         slot,
     };
+    let idle = state.config.tunnel.body_idle_timeout;
     Ok(match answer.body {
-        Some(b) => respond(answer.status, hdrs, b, log, guards),
+        // The agent applies the idle timeout to GitLab's body; this is the
+        // backstop for an agent that keeps a body open without data.
+        Some(b) => respond(
+            answer.status,
+            hdrs,
+            IdleTimeout::new(b, idle, "the agent"),
+            log,
+            guards,
+        ),
         None => respond(
             answer.status,
             hdrs,
@@ -243,10 +252,11 @@ pub async fn direct(
         started,
         obs: Some(obs),
     };
+    let idle = state.config.tunnel.body_idle_timeout;
     Ok(respond(
         status,
         hdrs,
-        reqwest::Body::from(resp),
+        IdleTimeout::new(reqwest::Body::from(resp), idle, "GitLab"),
         log,
         Guards {
             request: None,

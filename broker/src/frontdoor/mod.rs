@@ -109,9 +109,7 @@ async fn forward_request(
         .observer
         .request_started(&conn.id, req.method().as_str(), &seen.path);
     seen.connection = Some(conn.id.clone());
-    if let Err(reason) =
-        state.config.policy.check(req.method().as_str(), &t.target)
-    {
+    if let Err(reason) = state.config.policy.check(req.method().as_str(), &t.target) {
         tracing::warn!(connection = %conn.id, method = %req.method(), path = %t.path_only(), error = "blocked_by_policy", "refused by the broker's policy: {reason}");
         return Err(GitproxyError::new(
             ErrorCode::BlockedByPolicy,

@@ -1,7 +1,8 @@
 //! The agents connected for each connection, and the choice of one for a
 //! request: the least busy open stream that is not draining, taking turns
 //! among equals; a draining stream is used only when nothing else is left,
-//! so a rolling restart never answers `agent_not_connected`.
+//! so a rolling restart never answers `agent_not_connected`. A retry skips
+//! the sessions already tried.
 
 use super::session::AgentSession;
 use std::collections::HashMap;
@@ -27,11 +28,11 @@ impl Registry {
         map.entry(s.conn_id.clone()).or_default().sessions.push(s);
     }
 
-    /// Removes a session.
-    pub fn remove(&self, s: &Arc<AgentSession>) {
+    /// Removes a session (idempotent).
+    pub fn remove_session(&self, s: &AgentSession) {
         let mut map = self.by_conn.write().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = map.get_mut(&s.conn_id) {
-            c.sessions.retain(|x| !Arc::ptr_eq(x, s));
+            c.sessions.retain(|x| !std::ptr::eq(Arc::as_ptr(x), s));
             if c.sessions.is_empty() {
                 map.remove(&s.conn_id);
             }
@@ -40,6 +41,17 @@ impl Registry {
 
     /// Picks the session for a new request of `conn_id`.
     pub fn pick(&self, conn_id: &str) -> Option<Arc<AgentSession>> {
+        self.pick_excluding(conn_id, &[])
+    }
+
+    /// Picks the session for a new request of `conn_id` among those not in
+    /// `tried` (the retry of a request goes to another agent, never back to
+    /// the one that failed it).
+    pub fn pick_excluding(
+        &self,
+        conn_id: &str,
+        tried: &[Arc<AgentSession>],
+    ) -> Option<Arc<AgentSession>> {
         let map = self.by_conn.read().unwrap_or_else(|e| e.into_inner());
         let c = map.get(conn_id)?;
         let n = c.sessions.len();
@@ -50,7 +62,7 @@ impl Registry {
         let mut best: Option<&Arc<AgentSession>> = None;
         for i in 0..n {
             let s = &c.sessions[(start + i) % n];
-            if s.is_closed() {
+            if s.is_closed() || tried.iter().any(|t| Arc::ptr_eq(t, s)) {
                 continue;
             }
             best = match best {

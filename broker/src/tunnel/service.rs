@@ -1,13 +1,16 @@
 //! `gitproxy.v1.Tunnel/Connect`: authenticates the agent by its accessKey,
-//! runs the Hello/Welcome handshake and hands the stream to a session.
+//! runs the Hello/Welcome handshake (the Hello's strings cleaned and
+//! bounded before anything stores or logs them) and hands the stream to a
+//! session.
 
-use super::session::{control_to_msg, AgentSession, SessionSettings};
+use super::session::{control_to_msg, AgentIdentity, AgentSession, SessionSettings};
 use crate::state::AppState;
 use futures::{Stream, StreamExt};
 use gitproxy_proto::v1::{
     agent_message::Msg as In, broker_message::Msg as Out, tunnel_server::Tunnel, AgentMessage,
-    BrokerMessage, Welcome,
+    BrokerMessage, Hello, Welcome,
 };
+use gitproxy_shared::sanitize;
 use gitproxy_shared::tunnel::outbound::{Control, Outbound};
 use gitproxy_shared::tunnel::FlowSettings;
 use std::pin::Pin;
@@ -83,9 +86,17 @@ impl Tunnel for TunnelService {
             Ok(Err(s)) => return Err(s),
             Err(_) => return Err(Status::deadline_exceeded("no Hello within 10s")),
         };
+        let agent = match check_hello(&hello) {
+            Ok(a) => a,
+            Err(why) => {
+                warn!(connection = %conn.id, peer = %peer, "agent refused: {why}");
+                return Err(Status::invalid_argument(why));
+            }
+        };
         let pinned = hello.pinned_gitlab_url.trim_end_matches('/');
         if !pinned.is_empty() && pinned != conn.gitlab_url.as_str().trim_end_matches('/') {
-            warn!(connection = %conn.id, instance = %hello.instance, "agent refused: pinned to another GitLab URL");
+            let pinned = sanitize::text(pinned, sanitize::MAX_URL_BYTES);
+            warn!(connection = %conn.id, instance = %agent.instance, "agent refused: pinned to another GitLab URL");
             return Err(Status::failed_precondition(format!(
                 "this agent is pinned to {pinned} but connection {} uses {}",
                 conn.id, conn.gitlab_url
@@ -105,6 +116,7 @@ impl Tunnel for TunnelService {
             heartbeat_interval: t.heartbeat_interval,
             heartbeat_timeout: t.heartbeat_timeout,
             max_age: t.max_connection_age,
+            body_idle_timeout: t.body_idle_timeout,
         };
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
         let control = Control::new();
@@ -128,34 +140,32 @@ impl Tunnel for TunnelService {
         let closed = stop.child_token();
         let session = AgentSession::new(
             conn.id.clone(),
-            hello.instance.clone(),
-            hello.version.clone(),
-            hello.holds_token,
+            agent.clone(),
             settings,
             tx,
             control.clone(),
             closed.clone(),
+            self.state.observer.clone(),
         );
         self.state.registry.add(session.clone());
         info!(
             connection = %conn.id,
-            instance = %hello.instance,
-            version = %hello.version,
-            holds_token = hello.holds_token,
+            instance = %agent.instance,
+            version = %agent.version,
+            holds_token = agent.holds_token,
             peer = %peer,
             "agent connected"
         );
         self.state
             .observer
-            .agent_connected(&conn.id, &hello.instance, &hello.version);
-        let span = tracing::info_span!("agent", connection = %conn.id, instance = %hello.instance);
-        let observer = self.state.observer.clone();
+            .agent_connected(&conn.id, &agent.instance, &agent.version);
+        let span = tracing::info_span!("agent", connection = %conn.id, instance = %agent.instance);
         let registry = self.state.registry.clone();
-        let (conn_id, instance) = (conn.id.clone(), hello.instance.clone());
+        // `run` ends the session (registry, pending requests, the
+        // disconnected event) however its task ends, panic included.
         tokio::spawn(
             async move {
-                let reason = session.run(inbound, registry).await;
-                observer.agent_disconnected(&conn_id, &instance, &reason);
+                session.run(inbound, registry).await;
             }
             .in_current_span()
             .instrument(span),
@@ -170,4 +180,80 @@ impl Tunnel for TunnelService {
 
 async fn cancelled(t: CancellationToken) {
     t.cancelled().await
+}
+
+/// Reads who the agent is from its Hello, every string cleaned and bounded
+/// (`gitproxy_shared::sanitize`). Refused (the reason is returned): an
+/// instance name with no letter or digit (empty, or nothing but control
+/// characters and punctuation — no operator could tell such agents apart),
+/// and a pinned URL longer than a URL can usefully be. Everything else is
+/// kept, cleaned: a long instance name or version is cut, control
+/// characters are replaced, capabilities beyond the first few are ignored.
+fn check_hello(hello: &Hello) -> Result<AgentIdentity, String> {
+    let instance = sanitize::owned(hello.instance.trim(), sanitize::MAX_INSTANCE_BYTES);
+    if !sanitize::is_meaningful(&instance) {
+        return Err(
+            "the Hello's instance name has no letter or digit: set GITPROXY_INSTANCE".into(),
+        );
+    }
+    if hello.pinned_gitlab_url.len() > sanitize::MAX_URL_BYTES {
+        return Err(format!(
+            "the Hello's pinned GitLab URL is longer than {} bytes",
+            sanitize::MAX_URL_BYTES
+        ));
+    }
+    let version = sanitize::owned(hello.version.trim(), sanitize::MAX_VERSION_BYTES);
+    Ok(AgentIdentity {
+        instance,
+        version: if version.is_empty() {
+            "unknown".into()
+        } else {
+            version
+        },
+        holds_token: hello.holds_token,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello(instance: &str) -> Hello {
+        Hello {
+            version: "0.1.0".into(),
+            instance: instance.into(),
+            capabilities: vec![],
+            pinned_gitlab_url: String::new(),
+            holds_token: false,
+            window_bytes: 512 * 1024,
+        }
+    }
+
+    #[test]
+    fn hello_strings_are_cleaned_and_bounded() {
+        let mut h = hello(&format!("pod-1\n\x1b[31m{}", "a".repeat(10_000)));
+        h.version = format!("1.2\r\n{}", "9".repeat(10_000));
+        let a = check_hello(&h).unwrap();
+        assert!(
+            a.instance.starts_with("pod-1\u{fffd}\u{fffd}[31m"),
+            "{}",
+            a.instance
+        );
+        assert!(a.instance.len() <= sanitize::MAX_INSTANCE_BYTES);
+        assert!(a.version.len() <= sanitize::MAX_VERSION_BYTES);
+        assert!(!a.instance.contains('\n') && !a.version.contains('\n'));
+        let mut h = hello("pod-2");
+        h.version = " ".into();
+        assert_eq!(check_hello(&h).unwrap().version, "unknown");
+    }
+
+    #[test]
+    fn meaningless_instances_and_huge_pins_are_refused() {
+        for bad in ["", "   ", "\n\n\x1b", "-- .. --"] {
+            assert!(check_hello(&hello(bad)).is_err(), "{bad:?}");
+        }
+        let mut h = hello("pod-3");
+        h.pinned_gitlab_url = format!("https://{}", "a".repeat(5000));
+        assert!(check_hello(&h).is_err());
+    }
 }

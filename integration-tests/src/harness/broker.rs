@@ -77,6 +77,16 @@ pub struct BrokerSpec {
     pub args: Vec<String>,
 }
 
+/// How the broker process is run, besides its [`BrokerSpec`].
+#[derive(Debug, Clone, Default)]
+pub struct BrokerOptions {
+    /// Log in the text format (`GITPROXY_LOG_FORMAT=text`, `NO_COLOR=1`)
+    /// instead of JSON; only the `listening` lines are parsed then.
+    pub text_log: bool,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+}
+
 /// A running broker.
 pub struct Broker {
     /// The process.
@@ -86,6 +96,7 @@ pub struct Broker {
     /// API listener.
     pub api_addr: SocketAddr,
     spec: BrokerSpec,
+    opts: BrokerOptions,
     dir: tempfile::TempDir,
     starts: usize,
 }
@@ -121,8 +132,16 @@ fn toml_for(spec: &BrokerSpec) -> String {
     s
 }
 
+/// The address in a text-format `listening` line of `listener`.
+fn text_listening_addr(line: &str) -> Option<SocketAddr> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("addr="))
+        .and_then(|a| a.parse().ok())
+}
+
 async fn spawn(
     spec: &BrokerSpec,
+    opts: &BrokerOptions,
     dir: &std::path::Path,
     agent: &str,
     api: &str,
@@ -143,13 +162,30 @@ async fn spawn(
                 .iter()
                 .map(|a| a.replace(DIR_PLACEHOLDER, &dir.display().to_string())),
         )
-        .env("GITPROXY_LOG_FORMAT", "json")
+        .env(
+            "GITPROXY_LOG_FORMAT",
+            if opts.text_log { "text" } else { "json" },
+        )
         .env("RUST_LOG", "info")
         .env_remove("HTTPS_PROXY")
         .env_remove("HTTP_PROXY")
         .env_remove("https_proxy")
         .env_remove("http_proxy");
+    if opts.text_log {
+        cmd.env("NO_COLOR", "1");
+    }
+    for (k, v) in &opts.env {
+        cmd.env(k, v);
+    }
     let proc = Proc::spawn(&format!("broker#{n}"), cmd);
+    if opts.text_log {
+        let agent = proc
+            .wait_for_text("listening listener=\"agent\"", WAIT)
+            .await;
+        let api = proc.wait_for_text("listening listener=\"api\"", WAIT).await;
+        let parse = |l: &str| text_listening_addr(l).expect("addr in the listening line");
+        return (parse(&agent), proc, parse(&api));
+    }
     let a = proc
         .wait_for_nth(1, WAIT, |v| {
             v["message"] == "listening" && v["listener"] == "agent"
@@ -173,14 +209,20 @@ async fn spawn(
 impl Broker {
     /// Starts a broker on ephemeral ports.
     pub async fn start(spec: BrokerSpec) -> Broker {
+        Broker::start_with(spec, BrokerOptions::default()).await
+    }
+
+    /// Starts a broker on ephemeral ports, run as `opts` says.
+    pub async fn start_with(spec: BrokerSpec, opts: BrokerOptions) -> Broker {
         let dir = tempfile::tempdir().expect("tempdir");
         let (agent_addr, proc, api_addr) =
-            spawn(&spec, dir.path(), "127.0.0.1:0", "127.0.0.1:0", 1).await;
+            spawn(&spec, &opts, dir.path(), "127.0.0.1:0", "127.0.0.1:0", 1).await;
         Broker {
             proc,
             agent_addr,
             api_addr,
             spec,
+            opts,
             dir,
             starts: 1,
         }
@@ -192,6 +234,7 @@ impl Broker {
         self.starts += 1;
         let (a, p, b) = spawn(
             &self.spec,
+            &self.opts,
             self.dir.path(),
             &self.agent_addr.to_string(),
             &self.api_addr.to_string(),

@@ -5,6 +5,8 @@
 //!
 //! - [`process`]: a child process whose JSON log lines can be awaited.
 //! - [`broker`] / [`agent`]: the two programs with test configuration.
+//! - [`fake_agent`]: a scripted agent speaking the real protocol, to play a
+//!   hostile or broken agent against the real broker.
 //! - [`upstream`]: a GitLab-shaped HTTP server for tunnel mechanics.
 //! - [`pattern`]: deterministic byte streams for byte-exact transfer checks.
 //! - [`pki`]: private CAs and certificates made at run time (rcgen).
@@ -14,6 +16,7 @@
 
 pub mod agent;
 pub mod broker;
+pub mod fake_agent;
 pub mod fake_broker;
 pub mod pattern;
 pub mod pki;

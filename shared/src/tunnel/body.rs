@@ -85,6 +85,12 @@ impl BodySender {
         })
     }
 
+    /// Cost of the chunks queued and not yet handed back as credit: at most
+    /// the window while the peer keeps to its credit.
+    pub fn buffered(&self) -> usize {
+        self.window.outstanding()
+    }
+
     /// Ends the body with an error. The channel keeps a slot for it
     /// (see [`FlowSettings::max_buffered_frames`]).
     pub fn fail(self, err: GitproxyError) {

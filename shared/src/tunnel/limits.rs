@@ -1,8 +1,15 @@
-//! Flow-control settings negotiated in the Hello/Welcome handshake.
+//! Flow-control settings negotiated in the Hello/Welcome handshake, and the
+//! fixed limits of the tunnel.
 
 /// Largest tunnel message either side accepts (a head with its headers, or a
 /// Data frame of the largest chunk, with room to spare).
 pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+
+/// Protocol violations a peer may commit on one stream before the stream is
+/// ended (see [`super::violations`]). High enough that a peer with a bug in
+/// one code path keeps serving (each violation already ends its request),
+/// low enough that a hostile one is cut off after a bounded amount of work.
+pub const MAX_PROTOCOL_VIOLATIONS: u32 = 100;
 
 /// Per-request flow-control numbers of one side of a stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,10 +9,13 @@
 //!   can be posted from synchronous code (`Drop`, `poll`).
 //! - [`body`]: the receiving half of one request's body as a stream that hands
 //!   credit back as its consumer reads.
+//! - [`violations`]: a peer's protocol violations on one stream: counted,
+//!   logged without flooding, and the end of the stream at the limit.
 
 pub mod body;
 pub mod credit;
 pub mod limits;
 pub mod outbound;
+pub mod violations;
 
 pub use limits::FlowSettings;
