@@ -14,6 +14,13 @@
 //! - [`request`]: one request replayed against GitLab.
 //! - [`health`]: the state file; [`check`]: step-by-step diagnostics.
 
+// No panic on the request path: peer input, configuration and I/O errors
+// are answered, never unwrapped (tests may unwrap).
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
 pub mod backoff;
 pub mod check;
 pub mod config;

@@ -42,6 +42,12 @@ pub(crate) async fn serve(
     let id = head.id;
     let started = Instant::now();
     let mut tally = Tally::default();
+    // The request leaves the in-flight table however this task ends (a
+    // panic included), so a drain never waits for a request that is gone.
+    let _done = Finished {
+        shared: &shared,
+        id,
+    };
     tokio::select! {
         // Dropping `relay` drops the upstream request and its connection, so
         // GitLab sees the caller go away at once.
@@ -50,7 +56,6 @@ pub(crate) async fn serve(
     }
     // A cancel also closes the credit, which can end `relay` first.
     let cancelled = cancel.is_cancelled();
-    shared.finish(id);
     let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     let path = sanitize::text(
         head.path.split('?').next().unwrap_or(""),
@@ -63,6 +68,18 @@ pub(crate) async fn serve(
         warn!(request_id = id, method = %method, path = %path, status = tally.status, bytes_out = tally.bytes_out, duration_ms, error = %code, "request failed");
     } else {
         info!(request_id = id, method = %method, path = %path, status = tally.status, bytes_out = tally.bytes_out, duration_ms, "request");
+    }
+}
+
+/// Removes a request from the in-flight table when dropped.
+struct Finished<'a> {
+    shared: &'a Shared,
+    id: u64,
+}
+
+impl Drop for Finished<'_> {
+    fn drop(&mut self) {
+        self.shared.finish(self.id);
     }
 }
 

@@ -274,10 +274,22 @@ pub async fn run(ctx: SessionContext) -> Result<SessionEnd, SessionError> {
     auth.set_sensitive(true);
     req.metadata_mut().insert("authorization", auth);
 
-    let mut inbound = match client.connect(req).await {
-        Ok(r) => r.into_inner(),
-        Err(s) if s.code() == Code::Unauthenticated => return Err(SessionError::Unauthenticated),
-        Err(s) => {
+    // A broker (or a load balancer in front of it) that accepted the
+    // connection but never answers must not hold the agent: the stream must
+    // open within the connect timeout.
+    let opened = tokio::time::timeout(cfg.connect_timeout, client.connect(req)).await;
+    let mut inbound = match opened {
+        Err(_) => {
+            return Err(SessionError::Handshake(format!(
+                "the broker did not open the tunnel stream within {:?} (GITPROXY_CONNECT_TIMEOUT)",
+                cfg.connect_timeout
+            )))
+        }
+        Ok(Ok(r)) => r.into_inner(),
+        Ok(Err(s)) if s.code() == Code::Unauthenticated => {
+            return Err(SessionError::Unauthenticated)
+        }
+        Ok(Err(s)) => {
             return Err(SessionError::Refused(format!(
                 "{}: {}",
                 s.code(),

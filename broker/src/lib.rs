@@ -14,6 +14,13 @@
 //!   handshakes, connection limits and timeouts; [`reload`]: SIGHUP.
 //! - [`state`]: what every part shares.
 
+// No panic on the request path: peer input, configuration and I/O errors
+// are answered, never unwrapped (tests may unwrap).
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
 pub mod api;
 pub mod config;
 pub mod frontdoor;

@@ -73,28 +73,31 @@ fn reflection_builder(l: Listener) -> tonic_reflection::server::Builder<'static>
         .with_service_name("grpc.reflection.v1alpha.ServerReflection")
 }
 
-/// Reflection, `grpc.reflection.v1`.
+/// Reflection, `grpc.reflection.v1`. Fails only if the descriptor sets
+/// embedded at build time are invalid (a build defect, reported at start).
 pub fn reflection_v1(
     l: Listener,
-) -> tonic_reflection::server::v1::ServerReflectionServer<
-    impl tonic_reflection::server::v1::ServerReflection,
+) -> anyhow::Result<
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
 > {
-    match reflection_builder(l).build_v1() {
-        Ok(s) => s,
-        Err(e) => panic!("the embedded descriptor sets are invalid: {e}"),
-    }
+    reflection_builder(l)
+        .build_v1()
+        .context("the embedded gRPC descriptor sets are invalid")
 }
 
 /// Reflection, `grpc.reflection.v1alpha` (what common grpcurl builds speak).
 pub fn reflection_v1alpha(
     l: Listener,
-) -> tonic_reflection::server::v1alpha::ServerReflectionServer<
-    impl tonic_reflection::server::v1alpha::ServerReflection,
+) -> anyhow::Result<
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
 > {
-    match reflection_builder(l).build_v1alpha() {
-        Ok(s) => s,
-        Err(e) => panic!("the embedded descriptor sets are invalid: {e}"),
-    }
+    reflection_builder(l)
+        .build_v1alpha()
+        .context("the embedded gRPC descriptor sets are invalid")
 }
 
 /// Runs the broker until `shutdown` is cancelled and the drain is over.
@@ -154,8 +157,8 @@ pub async fn run(
     let agent_server = builder
         .add_service(tunnel)
         .add_service(agent_health_svc)
-        .add_service(reflection_v1(Listener::Agent))
-        .add_service(reflection_v1alpha(Listener::Agent))
+        .add_service(reflection_v1(Listener::Agent)?)
+        .add_service(reflection_v1alpha(Listener::Agent)?)
         .serve_with_incoming_shutdown(agent_incoming, agent_stop.clone().cancelled_owned());
     let agent_task = tokio::spawn(agent_server);
     info!(listener = "agent", addr = %agent_addr, tls = state.config.tls.is_some(), "listening");
@@ -163,7 +166,7 @@ pub async fn run(
     // API listener.
     let (api_health, api_health_svc) = tonic_health::server::health_reporter();
     api_health.set_serving::<gitproxy_proto::v1::admin_server::AdminServer<crate::api::admin::AdminService>>().await;
-    let router = crate::api::router(state.clone(), api_health_svc);
+    let router = crate::api::router(state.clone(), api_health_svc)?;
     // First step of the shutdown tree: readiness false, agents drained, new
     // agent streams refused; the api listener then drains its requests.
     tokio::spawn({

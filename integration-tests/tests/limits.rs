@@ -270,3 +270,229 @@ async fn agent_connect_timeout() {
     assert!(took < Duration::from_secs(5), "{took:?}: {line}");
     drop(listener);
 }
+
+/// `--handshake-timeout` also bounds the wait for the agent's Hello: a
+/// stream that authenticates and then says nothing is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_must_arrive_within_the_handshake_timeout() {
+    use gitproxy_proto::v1::tunnel_client::TunnelClient;
+    let up = Upstream::start().await;
+    let b = broker(&up, &["--handshake-timeout", "1s"]).await;
+    let channel = tonic::transport::Endpoint::from_shared(b.agent_url())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let (_tx, rx) = tokio::sync::mpsc::channel::<gitproxy_proto::v1::AgentMessage>(1);
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {KEY}").parse().expect("metadata"),
+    );
+    let t = Instant::now();
+    let r = tokio::time::timeout(WAIT, TunnelClient::new(channel).connect(req))
+        .await
+        .expect("the broker answers within the timeout");
+    let status = r.expect_err("no Hello, no stream");
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+}
+
+/// A gRPC message above 1 MiB (`MAX_MESSAGE_BYTES`) ends the agent's stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_above_one_mib_end_the_stream() {
+    use gitproxy_integration_tests::harness::fake_agent::{hello, FakeAgent};
+    use gitproxy_proto::v1::{agent_message::Msg as Out, Data};
+    let up = Upstream::start().await;
+    let b = broker(&up, &[]).await;
+    let mut fake = FakeAgent::connect(b.agent_addr, KEY, hello("big-frames"))
+        .await
+        .expect("connected");
+    fake.send(Out::Data(Data {
+        id: 1,
+        data: bytes::Bytes::from(vec![0u8; (1 << 20) + 1]),
+    }))
+    .await;
+    assert!(fake.wait_ended(WAIT).await, "the stream is still open");
+    b.proc
+        .wait_for_nth(1, WAIT, |v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("agent disconnected: stream error"))
+        })
+        .await;
+}
+
+/// `--max-agent-connections`: an agent beyond the cap waits until a slot is
+/// free, then connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_connections_beyond_the_cap_wait() {
+    let up = Upstream::start().await;
+    let b = broker(&up, &["--max-agent-connections", "1"]).await;
+    let mut first = Agent::start("agent-0", &b.agent_url(), KEY, &[]).await;
+    let second = Agent::spawn(
+        "agent-1",
+        &b.agent_url(),
+        KEY,
+        &[("GITPROXY_CONNECT_TIMEOUT", "1s")],
+    );
+    // The second one's attempt times out: the broker does not serve it.
+    second
+        .proc
+        .wait_for_nth(1, WAIT, |v| v["level"] == "ERROR")
+        .await;
+    let v: serde_json::Value = client()
+        .get(format!("{}/v1/connections/acme", b.api()))
+        .send()
+        .await
+        .expect("answered")
+        .text()
+        .await
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .expect("json");
+    assert_eq!(v["agents"].as_array().map(Vec::len), Some(1), "{v}");
+    first.proc.kill9().await;
+    second.wait_connected(1).await;
+}
+
+/// `EVENT_BUFFER` (1024 events): a WatchTunnel caller that does not read
+/// loses the oldest events (and the broker says how many); traffic never
+/// waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_watcher_loses_events_and_never_slows_traffic() {
+    use gitproxy_proto::v1::admin_client::AdminClient;
+    use gitproxy_proto::v1::WatchTunnelRequest;
+    let up = Upstream::start().await;
+    let b = broker(&up, &[]).await;
+    // A tiny HTTP/2 window: the broker can push only a few events before
+    // the unread stream is full, as with a stalled watcher on a slow link.
+    let channel = tonic::transport::Endpoint::from_shared(b.api())
+        .expect("endpoint")
+        .initial_stream_window_size(Some(1024))
+        .initial_connection_window_size(Some(1024))
+        .connect()
+        .await
+        .expect("connect");
+    let mut watch = AdminClient::new(channel)
+        .watch_tunnel(WatchTunnelRequest {
+            connection_id: "acme-direct".into(),
+        })
+        .await
+        .expect("watching")
+        .into_inner();
+    // 700 requests = 1400 events, more than the buffer, with nobody reading.
+    let c = client();
+    let t = Instant::now();
+    for _ in 0..700 {
+        let r = c
+            .get(format!("{}/api/v4/version", b.front("acme-direct")))
+            .send()
+            .await
+            .expect("answered");
+        assert_eq!(r.status(), 200);
+    }
+    eprintln!("700 requests with a stalled watcher: {:?}", t.elapsed());
+    // Reading now: the first event the watcher gets is not the first sent.
+    let first = tokio::time::timeout(WAIT, watch.message())
+        .await
+        .expect("an event")
+        .expect("stream")
+        .expect("event");
+    b.proc
+        .wait_for_nth(1, WAIT, |v| {
+            v["message"] == "a WatchTunnel caller is too slow: events dropped"
+                && v["lost"].as_u64().is_some_and(|n| n > 0)
+        })
+        .await;
+    drop(first);
+}
+
+/// A GitLab stand-in answering every `GET /api/v4/projects` page with
+/// `body` and a `Link: rel="next"` to the following page (forever).
+async fn endless_catalogue(
+    body: bytes::Bytes,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use axum::response::IntoResponse;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let app = axum::Router::new().fallback(move |uri: http::Uri| {
+        let body = body.clone();
+        async move {
+            let page: u64 = uri
+                .query()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("id_after=")))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let next = format!(
+                "<http://{addr}/api/v4/projects?membership=true&min_access_level=30&pagination=keyset&order_by=id&sort=asc&per_page=100&id_after={}>; rel=\"next\"",
+                page + 1
+            );
+            (
+                [
+                    (http::header::CONTENT_TYPE, "application/json".to_string()),
+                    (http::header::LINK, next),
+                ],
+                body,
+            )
+                .into_response()
+        }
+    });
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (addr, task)
+}
+
+/// `MAX_PAGES` (1000): a catalogue whose `Link: rel="next"` never ends is
+/// cut with a clear error instead of looping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catalogue_stops_after_max_pages() {
+    let (addr, _server) = endless_catalogue(bytes::Bytes::from_static(b"[]")).await;
+    let b = Broker::start(BrokerSpec {
+        connections: vec![
+            ConnSpec::direct("acme", &format!("http://{addr}")).token("t0k3n-for-pages")
+        ],
+        ..BrokerSpec::default()
+    })
+    .await;
+    let r = client()
+        .get(format!("{}/v1/connections/acme/projects", b.api()))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(r.status(), 502);
+    let text = r.text().await.expect("body");
+    assert!(text.contains("more than 1000 pages"), "{text}");
+}
+
+/// `MAX_BODY` (32 MiB): an answer to a request the broker makes itself is
+/// read up to the limit, then refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn internal_answers_are_read_up_to_32_mib() {
+    let big = bytes::Bytes::from(vec![b' '; 33 << 20]);
+    let (addr, _server) = endless_catalogue(big).await;
+    let b = Broker::start(BrokerSpec {
+        connections: vec![
+            ConnSpec::direct("acme", &format!("http://{addr}")).token("t0k3n-for-pages")
+        ],
+        ..BrokerSpec::default()
+    })
+    .await;
+    let r = client()
+        .get(format!("{}/v1/connections/acme/projects", b.api()))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(r.status(), 502);
+    let v: serde_json::Value = serde_json::from_str(&r.text().await.expect("body")).expect("json");
+    assert_eq!(v["error"], "upstream_unreachable", "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("could not be read")),
+        "{v}"
+    );
+}

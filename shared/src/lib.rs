@@ -22,6 +22,13 @@
 //! - [`log_limit`]: one log line per episode of a repeating error, not one per failure.
 //! - [`signal`]: the start of both programs' shutdown tree.
 
+// No panic on the request path: peer input, configuration and I/O errors
+// are answered, never unwrapped (tests may unwrap).
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
 pub mod credentials;
 pub mod errors;
 pub mod gitlab_url;

@@ -24,17 +24,17 @@ pub fn router(
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
-) -> Router {
+) -> anyhow::Result<Router> {
     let admin = AdminServer::with_interceptor(
         admin::AdminService::new(state.clone()),
         admin::auth(state.clone()),
     );
     let grpc = tonic::service::Routes::new(admin)
         .add_service(health)
-        .add_service(crate::server::reflection_v1(crate::server::Listener::Api))
+        .add_service(crate::server::reflection_v1(crate::server::Listener::Api)?)
         .add_service(crate::server::reflection_v1alpha(
             crate::server::Listener::Api,
-        ))
+        )?)
         .into_axum_router();
     // Everything under /v1 needs the API key: one layer, not a check per handler.
     let v1 = Router::new()
@@ -59,7 +59,7 @@ pub fn router(
             state.clone(),
             require_api_key,
         ));
-    Router::new()
+    Ok(Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .merge(v1)
@@ -67,7 +67,7 @@ pub fn router(
         .route("/gitlab/{*rest}", any(frontdoor::handle))
         .with_state(state)
         .merge(grpc)
-        .fallback(fallback)
+        .fallback(fallback))
 }
 
 /// Refuses `/v1` calls without the right `X-Gitproxy-Key`.

@@ -15,7 +15,6 @@ use gitproxy_shared::tunnel::outbound::{Control, Outbound};
 use gitproxy_shared::tunnel::FlowSettings;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
@@ -78,13 +77,21 @@ impl Tunnel for TunnelService {
             ));
         }
         let mut inbound = req.into_inner();
-        let hello = match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await {
+        // The Hello is part of the handshake: the same limit as TLS and
+        // the HTTP/2 preface.
+        let hello_timeout = self.state.config.listeners.handshake_timeout;
+        let hello = match tokio::time::timeout(hello_timeout, inbound.message()).await {
             Ok(Ok(Some(AgentMessage {
                 msg: Some(In::Hello(h)),
             }))) => h,
             Ok(Ok(_)) => return Err(Status::invalid_argument("the first message must be Hello")),
             Ok(Err(s)) => return Err(s),
-            Err(_) => return Err(Status::deadline_exceeded("no Hello within 10s")),
+            Err(_) => {
+                return Err(Status::deadline_exceeded(format!(
+                    "no Hello within {}s",
+                    hello_timeout.as_secs_f64()
+                )))
+            }
         };
         let agent = match check_hello(&hello) {
             Ok(a) => a,
