@@ -42,26 +42,39 @@ struct Harness {
     cancelled: std::collections::BTreeSet<u64>,
 }
 
+/// The configuration and GitLab client every case shares: building them
+/// (clap, trust stores) costs far more than a case, and no case changes them.
+fn shared_parts() -> (Arc<crate::config::AgentConfig>, Upstream) {
+    static PARTS: std::sync::OnceLock<(Arc<crate::config::AgentConfig>, Upstream)> =
+        std::sync::OnceLock::new();
+    PARTS
+        .get_or_init(|| {
+            gitproxy_shared::tls::install_default_provider();
+            let cfg = crate::config::AgentConfig::from_args(crate::config::RunArgs {
+                broker_url: Some("http://127.0.0.1:9".into()),
+                access_key: Some("k".into()),
+                ..crate::config::RunArgs::default()
+            })
+            .expect("config");
+            let upstream = Upstream::new(UpstreamConfig {
+                base_url: url::Url::parse("http://127.0.0.1:9").expect("url"),
+                extra_ca_pem: vec![],
+                proxy: Default::default(),
+                connect_timeout: Duration::from_secs(1),
+                policy: Default::default(),
+            })
+            .expect("upstream");
+            (Arc::new(cfg), upstream)
+        })
+        .clone()
+}
+
 fn harness() -> Harness {
-    gitproxy_shared::tls::install_default_provider();
-    let cfg = crate::config::AgentConfig::from_args(crate::config::RunArgs {
-        broker_url: Some("http://127.0.0.1:9".into()),
-        access_key: Some("k".into()),
-        ..crate::config::RunArgs::default()
-    })
-    .expect("config");
-    let upstream = Upstream::new(UpstreamConfig {
-        base_url: url::Url::parse("http://127.0.0.1:9").expect("url"),
-        extra_ca_pem: vec![],
-        proxy: Default::default(),
-        connect_timeout: Duration::from_secs(1),
-        policy: Default::default(),
-    })
-    .expect("upstream");
+    let (cfg, upstream) = shared_parts();
     // Room for every Error frame a case can make, so none is spawned.
     let (tx, out) = mpsc::channel(4096);
     let shared = Arc::new(Shared {
-        cfg: Arc::new(cfg),
+        cfg,
         upstream,
         tx,
         broker_flow: FlowSettings::default(),
