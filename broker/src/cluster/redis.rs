@@ -33,10 +33,7 @@ impl RedisHandle {
             .parse()
             .context("unusable --redis-url")?;
         if let Some(p) = &settings.redis_password {
-            let with_password = info
-                .redis_settings()
-                .clone()
-                .set_password(p.expose());
+            let with_password = info.redis_settings().clone().set_password(p.expose());
             info = info.set_redis_settings(with_password);
         }
         let client = if settings.redis_url.scheme() == "rediss" && !extra_ca_pem.is_empty() {
