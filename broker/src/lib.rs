@@ -13,6 +13,7 @@
 //! - [`server`]: listeners and the shutdown tree; [`listener`]: accepting,
 //!   handshakes, connection limits and timeouts; [`reload`]: SIGHUP.
 //! - [`state`]: what every part shares.
+//! - [`cluster`]: cluster mode (several replicas on Redis).
 
 // No panic on the request path: peer input, configuration and I/O errors
 // are answered, never unwrapped (tests may unwrap).
@@ -22,6 +23,7 @@
 )]
 
 pub mod api;
+pub mod cluster;
 pub mod config;
 pub mod frontdoor;
 pub mod keygen;
@@ -88,6 +90,10 @@ pub fn main_with(cli: Cli) -> ExitCode {
         }
     };
     let result = rt.block_on(async move {
+        let cluster = match &cfg.cluster {
+            Some(c) => Some(cluster::Cluster::new(c.clone(), &cfg.extra_ca_pem)?),
+            None => None,
+        };
         let listeners = server::Listeners::bind(&cfg).await?;
         let shutdown = CancellationToken::new();
         tokio::spawn(gitproxy_shared::signal::shutdown_on_signal(
@@ -97,9 +103,11 @@ pub fn main_with(cli: Cli) -> ExitCode {
             version = gitproxy_shared::VERSION,
             connections = connections.all().len(),
             data_dir = ?cfg.data_dir,
+            redis = cfg.cluster.as_ref().map(|c| c.redis_url.as_str()).unwrap_or("-"),
+            replica = cfg.cluster.as_ref().map(|c| c.replica_id.as_str()).unwrap_or("-"),
             "gitproxy-broker starting"
         );
-        let state = state::AppState::new(cfg, store, connections);
+        let state = state::AppState::new(cfg, store, connections, cluster);
         server::run(state, listeners, shutdown).await
     });
     match result {

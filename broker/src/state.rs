@@ -33,11 +33,18 @@ pub struct AppState {
     /// Cancelled when shutdown begins (ends `WatchTunnel` streams, which
     /// would otherwise hold the api listener's graceful drain).
     pub drain_started: CancellationToken,
+    /// Cluster mode (several replicas on Redis); `None`: one process.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl AppState {
     /// State for `config`, the opened store and the merged table.
-    pub fn new(config: BrokerConfig, store: Store, connections: ConnectionSet) -> Arc<Self> {
+    pub fn new(
+        config: BrokerConfig,
+        store: Store,
+        connections: ConnectionSet,
+        cluster: Option<Arc<crate::cluster::Cluster>>,
+    ) -> Arc<Self> {
         let file = Mutex::new(config.file.clone());
         Arc::new(AppState {
             config,
@@ -51,6 +58,7 @@ impl AppState {
             file,
             write_lock: tokio::sync::Mutex::new(()),
             drain_started: CancellationToken::new(),
+            cluster,
         })
     }
 

@@ -190,6 +190,9 @@ class Charts:
         self.broker_base = yaml.safe_load(
             (self.broker_dir / "ci" / "default-values.yaml").read_text()
         )
+        self.broker_cluster = yaml.safe_load(
+            (self.broker_dir / "ci" / "cluster-values.yaml").read_text()
+        )
 
 
 def render(chart: helm.Chart, values: dict, what: str) -> list[dict]:
@@ -420,7 +423,8 @@ def check_lint(c: Charts) -> None:
         ("gitproxy-agent", c.agent_dir, c.agent_base),
         ("gitproxy-broker", c.broker_dir, c.broker_base),
     ]:
-        for label, values in [("chart defaults", None), ("ci/default-values.yaml", base)]:
+        extra = [("ci/cluster-values.yaml", c.broker_cluster)] if name == "gitproxy-broker" else []
+        for label, values in [("chart defaults", None), ("ci/default-values.yaml", base)] + extra:
             report = helm.lint(str(path), values, kube_version="v1.29.0")
             errors = list(report.get("errors") or []) + [
                 m for m in report.get("messages", []) if m.get("severity", 0) >= 3
@@ -637,6 +641,12 @@ def check_schema(c: Charts) -> None:
     expect_rejected(c.broker, deep_merge(b, {"config": {"connections": [{"id": "Acme!", "mode": "agent", "gitlabUrl": "https://g"}]}}), "/config/connections/0/id", "a bad connection id")
     expect_rejected(c.broker, deep_merge(b, {"tls": {"existingSecret": ""}}), "tls.existingSecret", "a broker without TLS material")
     expect_rejected(c.broker, deep_merge(b, {"replicaCount": 0}), "/replicaCount", "broker replicaCount 0")
+    expect_rejected(c.broker, deep_merge(b, {"replicaCount": 3}), "redis.url", "several broker replicas without cluster mode")
+    expect_rejected(c.broker, deep_merge(b, {"autoscaling": {"enabled": True}}), "redis.url", "an autoscaled broker without cluster mode")
+    expect_rejected(c.broker, deep_merge(b, {"redis": {"url": "redis://r:6379"}}), "cluster.existingSecret", "cluster mode without a peer secret and store key")
+    expect_rejected(c.broker, deep_merge(c.broker_cluster, {"redis": {"url": "redis://:pw@r:6379"}}), "/redis/url", "a Redis URL holding a password")
+    expect_rejected(c.broker, deep_merge(c.broker_cluster, {"cluster": {"storeKey": "short"}}), "/cluster/storeKey", "a store key that is not 32 bytes of base64")
+    expect_rejected(c.broker, deep_merge(c.broker_cluster, {"cluster": {"peerSecret": "short"}}), "/cluster/peerSecret", "a peer secret under 16 characters")
 
 
 def broker_values(c: Charts, pki: dict | None) -> dict:
@@ -672,13 +682,21 @@ def check_broker(c: Charts, pki: dict | None) -> list[dict]:
             {
                 "persistence": {"enabled": True, "size": "2Gi"},
                 "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 4},
+                "redis": {"url": "redis://redis:6379/0"},
+                "cluster": {"existingSecret": "broker-cluster"},
                 "podDisruptionBudget": {"enabled": True, "minAvailable": 1},
                 "service": {"agent": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["203.0.113.0/24"]}},
             },
         ),
         "config existingSecret + no pdb": deep_merge(
             c.broker_base,
-            {"config": {"existingSecret": "broker-config", "apiKeysSha256": []}, "podDisruptionBudget": {"enabled": False}, "replicaCount": 3},
+            {
+                "config": {"existingSecret": "broker-config", "apiKeysSha256": []},
+                "podDisruptionBudget": {"enabled": False},
+                "replicaCount": 3,
+                "redis": {"url": "redis://redis:6379/0", "password": "redis-pass-123"},
+                "cluster": {"existingSecret": "broker-cluster"},
+            },
         ),
     }
     out = None
@@ -707,9 +725,46 @@ def check_broker(c: Charts, pki: dict | None) -> list[dict]:
             check("PodDisruptionBudget" in kinds and "HorizontalPodAutoscaler" not in kinds, f"broker [defaults]: PDB, no HPA ({kinds})")
         if what.startswith("tls from values"):
             out = objs
+    check_broker_cluster(c)
     step("broker renders in 4 shapes; every object is valid for Kubernetes 1.29 (strict); Services 8443/8080, /readyz and /healthz probes, PDB, optional HPA and PVC, grace > shutdown grace, same security context")
     assert out is not None
     return out
+
+
+def check_broker_cluster(c: Charts) -> None:
+    """Cluster mode: the Redis URL, the peer listener on the pod IP, the
+    secrets as files, spread over nodes, a PDB."""
+    what = "broker [cluster]"
+    objs = render(c.broker, c.broker_cluster, what)
+    dep = one(objs, "Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    ctr = pod["containers"][0]
+    check_security(pod, ctr, what)
+    check(dep["spec"]["replicas"] == 3, f"{what}: 3 replicas")
+    env = {e["name"]: e for e in ctr["env"]}
+    value = lambda k: env.get(k, {}).get("value")
+    check(value("GITPROXY_REDIS_URL") == "rediss://redis.example.internal:6380/0", f"{what}: GITPROXY_REDIS_URL")
+    check(env.get("POD_IP", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "status.podIP", f"{what}: POD_IP from the downward API")
+    check(value("GITPROXY_PEER_LISTEN") == "0.0.0.0:8444", f"{what}: GITPROXY_PEER_LISTEN")
+    check(value("GITPROXY_PEER_ADVERTISE") == "$(POD_IP):8444", f"{what}: GITPROXY_PEER_ADVERTISE on the pod IP")
+    for k in ("GITPROXY_PEER_SECRET_FILE", "GITPROXY_STORE_KEY_FILE", "GITPROXY_REDIS_PASSWORD_FILE"):
+        check(bool(value(k)), f"{what}: {k} set")
+    ports = {p["name"]: p["containerPort"] for p in ctr["ports"]}
+    check(ports.get("peer") == 8444, f"{what}: container port peer 8444 ({ports})")
+    vols = {v["name"]: v for v in pod["volumes"]}
+    check(vols["redis"]["secret"]["secretName"] == "managed-redis", f"{what}: the Redis password from redis.existingSecret")
+    check(vols["redis"]["secret"]["items"][0]["key"] == "password", f"{what}: redis.existingSecretKey")
+    secret = next(s for s in by_kind(objs, "Secret") if s["metadata"]["name"].endswith("-cluster"))
+    check(set(secret["data"]) == {"peer-secret", "store-key"}, f"{what}: the chart's cluster Secret holds peer-secret and store-key ({sorted(secret['data'])})")
+    check(vols["cluster"]["secret"]["secretName"] == secret["metadata"]["name"], f"{what}: cluster Secret mounted")
+    anti = pod.get("affinity", {}).get("podAntiAffinity", {})
+    check(bool(anti.get("preferredDuringSchedulingIgnoredDuringExecution")), f"{what}: soft pod anti-affinity by default")
+    check("PodDisruptionBudget" in {o["kind"] for o in objs}, f"{what}: a PodDisruptionBudget")
+    check("checksum/cluster" in dep["spec"]["template"]["metadata"]["annotations"], f"{what}: pods roll when the cluster Secret changes")
+    hard = render(c.broker, deep_merge(c.broker_cluster, {"cluster": {"podAntiAffinity": "hard"}}), f"{what} hard")
+    hpod = one(hard, "Deployment")["spec"]["template"]["spec"]
+    check(bool(hpod["affinity"]["podAntiAffinity"].get("requiredDuringSchedulingIgnoredDuringExecution")), f"{what}: hard anti-affinity")
+    step(f"{what}: GITPROXY_REDIS_URL, peer listener on $(POD_IP):8444, secrets as files, anti-affinity (soft/hard), PDB, checksum roll")
 
 
 def run_binaries(c: Charts, bin_dir: Path, pki: dict | None, broker_objs: list[dict]) -> None:
@@ -731,6 +786,9 @@ def run_binaries(c: Charts, bin_dir: Path, pki: dict | None, broker_objs: list[d
         env = rewrite_paths(resolve_env(broker_objs, ctr), mounts)
         unknown = sorted(k for k in env if k.startswith("GITPROXY_") and k not in broker_names)
         check(not unknown, f"broker: the chart sets variables the broker does not know: {unknown}")
+        cluster_ctr = one(render(c.broker, c.broker_cluster, "broker [cluster]"), "Deployment")["spec"]["template"]["spec"]["containers"][0]
+        unknown = sorted(e["name"] for e in cluster_ctr["env"] if e["name"].startswith("GITPROXY_") and e["name"] not in broker_names)
+        check(not unknown, f"broker [cluster]: the chart sets variables the broker does not know: {unknown}")
         for k in ("GITPROXY_CONFIG", "GITPROXY_DATA_DIR", "GITPROXY_API_LISTEN", "GITPROXY_AGENT_LISTEN"):
             check(k in env, f"broker: {k} is set")
         # The rendered api listener (0.0.0.0) must be accepted with the rendered config's API key.

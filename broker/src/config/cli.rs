@@ -124,6 +124,31 @@ pub struct ServeArgs {
     /// Most open connections on the agent listener; more wait in the listen queue.
     #[arg(long, env = "GITPROXY_MAX_AGENT_CONNECTIONS", default_value_t = 16384)]
     pub max_agent_connections: usize,
+    /// Cluster mode: the Redis (or Valkey) URL, redis:// or rediss:// (TLS),
+    /// shared by every replica; the password goes in GITPROXY_REDIS_PASSWORD_FILE.
+    #[arg(long, env = "GITPROXY_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// File holding the Redis password.
+    #[arg(long, env = "GITPROXY_REDIS_PASSWORD_FILE")]
+    pub redis_password_file: Option<PathBuf>,
+    /// Cluster mode: where this replica listens for the other replicas.
+    #[arg(long, env = "GITPROXY_PEER_LISTEN")]
+    pub peer_listen: Option<String>,
+    /// Cluster mode: the host:port other replicas dial to reach this one
+    /// (default: --peer-listen when it is not a wildcard address).
+    #[arg(long, env = "GITPROXY_PEER_ADVERTISE")]
+    pub peer_advertise: Option<String>,
+    /// Cluster mode: file holding the secret replicas prove to each other.
+    #[arg(long, env = "GITPROXY_PEER_SECRET_FILE")]
+    pub peer_secret_file: Option<PathBuf>,
+    /// Cluster mode: file holding the 32-byte key (hex or base64) that
+    /// encrypts GitLab tokens stored in Redis.
+    #[arg(long, env = "GITPROXY_STORE_KEY_FILE")]
+    pub store_key_file: Option<PathBuf>,
+    /// Cluster mode: this replica's name in the registry (default: the host
+    /// name and a random suffix).
+    #[arg(long, env = "GITPROXY_REPLICA_ID")]
+    pub replica_id: Option<String>,
     /// Per-request receive window in bytes (memory bound per response body).
     #[arg(long, env = "GITPROXY_WINDOW_BYTES", default_value_t = gitproxy_shared::tunnel::FlowSettings::default().window_bytes, hide = true)]
     pub window_bytes: u32,

@@ -4,8 +4,10 @@
 //! - [`cli`]: the command line.
 //! - [`file`]: the TOML file's schema.
 //! - [`connections`]: the validated connection table the broker serves.
+//! - [`cluster`]: cluster mode (Redis, peers, the store key).
 
 pub mod cli;
+pub mod cluster;
 pub mod connections;
 pub mod file;
 
@@ -90,6 +92,8 @@ pub struct BrokerConfig {
     pub public_url: Option<url::Url>,
     /// Proxies whose X-Forwarded-* headers are believed.
     pub trusted_proxies: TrustedProxies,
+    /// Cluster mode (several replicas on Redis); `None`: one process.
+    pub cluster: Option<cluster::ClusterSettings>,
 }
 
 impl BrokerConfig {
@@ -167,6 +171,15 @@ impl BrokerConfig {
         if a.max_api_connections == 0 || a.max_agent_connections == 0 {
             bail!("--max-api-connections and --max-agent-connections must be at least 1");
         }
+        let cluster = cluster::ClusterSettings::load(cluster::ClusterArgs {
+            redis_url: a.redis_url.clone(),
+            redis_password_file: a.redis_password_file.clone(),
+            peer_listen: a.peer_listen.clone(),
+            peer_advertise: a.peer_advertise.clone(),
+            peer_secret_file: a.peer_secret_file.clone(),
+            store_key_file: a.store_key_file.clone(),
+            replica_id: a.replica_id.clone(),
+        })?;
         if a.heartbeat_timeout < a.heartbeat_interval * 2 {
             bail!("--heartbeat-timeout must be at least twice --heartbeat-interval");
         }
@@ -201,6 +214,7 @@ impl BrokerConfig {
             extra_ca_pem,
             public_url,
             trusted_proxies,
+            cluster,
         })
     }
 }

@@ -39,6 +39,17 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and (not .Values.config.existingSecret) (not .Values.config.apiKeysSha256) }}
 {{- fail "config.apiKeysSha256 must hold at least one API key hash: the api listener binds 0.0.0.0:8080, which the broker refuses without an API key (gitproxy-broker keygen prints a key and its hash)" }}
 {{- end }}
+{{- if and (not .Values.redis.url) (or (gt (int .Values.replicaCount) 1) .Values.autoscaling.enabled) }}
+{{- fail "several replicas need cluster mode: set redis.url (and cluster.peerSecret and cluster.storeKey, or cluster.existingSecret); without it keep replicaCount: 1 and autoscaling off" }}
+{{- end }}
+{{- if .Values.redis.url }}
+{{- if not (or .Values.cluster.existingSecret (and .Values.cluster.peerSecret .Values.cluster.storeKey)) }}
+{{- fail "cluster mode (redis.url) needs cluster.existingSecret, or cluster.peerSecret and cluster.storeKey" }}
+{{- end }}
+{{- if and .Values.redis.existingSecret .Values.redis.password }}
+{{- fail "set either redis.existingSecret or redis.password, not both" }}
+{{- end }}
+{{- end }}
 {{- if .Values.tls.enabled }}
 {{- if and .Values.tls.existingSecret (or .Values.tls.cert .Values.tls.key) }}
 {{- fail "set either tls.existingSecret or tls.cert/tls.key, not both" }}
@@ -84,3 +95,13 @@ access_key_sha256 = {{ . | toString | lower | toJson }}
 {{- end }}
 {{- end }}
 {{ end }}
+
+{{/* The Secret holding the cluster's peer secret and store key. */}}
+{{- define "gitproxy-broker.clusterSecret" -}}
+{{- .Values.cluster.existingSecret | default (printf "%s-cluster" (include "gitproxy-broker.fullname" .)) }}
+{{- end }}
+
+{{/* The Secret holding the Redis password, if any. */}}
+{{- define "gitproxy-broker.redisSecret" -}}
+{{- .Values.redis.existingSecret | default (printf "%s-cluster" (include "gitproxy-broker.fullname" .)) }}
+{{- end }}

@@ -11,17 +11,22 @@
 //! - [`pattern`]: deterministic byte streams for byte-exact transfer checks.
 //! - [`pki`]: private CAs and certificates made at run time (rcgen).
 //! - [`proxy`]: a real tinyproxy as the corporate proxy.
+//! - [`redis`]: a real redis-server; [`cluster`]: broker replicas sharing it;
+//!   [`haproxy`]: a real load balancer in front of them.
 //! - [`fake_broker`]: a scripted broker speaking the real tunnel protocol,
 //!   to drive the real agent with hostile input.
 
 pub mod agent;
 pub mod broker;
+pub mod cluster;
 pub mod fake_agent;
 pub mod fake_broker;
+pub mod haproxy;
 pub mod pattern;
 pub mod pki;
 pub mod process;
 pub mod proxy;
+pub mod redis;
 pub mod upstream;
 
 use std::path::PathBuf;

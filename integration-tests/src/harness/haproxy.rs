@@ -1,0 +1,121 @@
+//! A real load balancer for the cluster tests: Debian's HAProxy on loopback,
+//! in front of the replicas as a cloud load balancer would be.
+//!
+//! - [`Mode::Tcp`] (agent listeners): TCP passthrough, least connections;
+//!   a replica counts as up while its api listener's `/readyz` answers 200,
+//!   so a draining or dead replica gets no new agent streams while the
+//!   streams it holds continue.
+//! - [`Mode::Http`] (api listeners): HTTP/1.1, round robin over ready
+//!   replicas; a request that could not be delivered (connection refused,
+//!   closed before any answer) is sent to another replica, as Kubernetes
+//!   Services with an ingress in front do.
+
+use super::process::Proc;
+use super::WAIT;
+use std::net::SocketAddr;
+use tokio::process::Command;
+
+/// How HAProxy balances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// TCP passthrough (agent listeners: gRPC over HTTP/2, TLS or not).
+    Tcp,
+    /// HTTP/1.1 with retries on another replica (api listeners).
+    Http,
+}
+
+/// One replica behind the balancer.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    /// Name in HAProxy's log.
+    pub name: String,
+    /// Where traffic goes.
+    pub addr: SocketAddr,
+    /// The replica's api listener: its `/readyz` is the health check.
+    pub health: SocketAddr,
+}
+
+/// A running HAProxy.
+pub struct Haproxy {
+    /// The process (its log lines: one per connection or request).
+    pub proc: Proc,
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// The configuration text for `mode` and `backends` on `port`.
+pub fn config(mode: Mode, port: u16, backends: &[Backend]) -> String {
+    let mut c = String::from(
+        "global\n  log stdout format raw local0 info\n  maxconn 4000\n\n\
+         defaults\n  log global\n  timeout connect 2s\n  timeout client 1h\n  timeout server 1h\n  \
+         timeout check 1s\n  retries 3\n  option redispatch\n",
+    );
+    match mode {
+        Mode::Tcp => c.push_str("  mode tcp\n  option tcplog\n"),
+        Mode::Http => c.push_str(
+            "  mode http\n  option httplog\n  option http-buffer-request\n  \
+             retry-on conn-failure empty-response\n  timeout http-request 30s\n",
+        ),
+    }
+    c.push_str(&format!(
+        "\nfrontend front\n  bind 127.0.0.1:{port}\n  default_backend replicas\n\n\
+         backend replicas\n  balance {}\n  option httpchk GET /readyz\n  http-check expect status 200\n",
+        if mode == Mode::Tcp {
+            "leastconn"
+        } else {
+            "roundrobin"
+        }
+    ));
+    for b in backends {
+        c.push_str(&format!(
+            "  server {} {} check addr {} port {} inter 200ms fall 1 rise 1\n",
+            b.name,
+            b.addr,
+            b.health.ip(),
+            b.health.port()
+        ));
+    }
+    c
+}
+
+impl Haproxy {
+    /// Starts HAProxy in `mode` in front of `backends`.
+    pub async fn start(mode: Mode, backends: &[Backend]) -> Haproxy {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let path = dir.path().join("haproxy.cfg");
+        std::fs::write(&path, config(mode, port, backends)).expect("write haproxy.cfg");
+        let bin = if std::path::Path::new("/usr/sbin/haproxy").exists() {
+            "/usr/sbin/haproxy"
+        } else {
+            "haproxy"
+        };
+        let mut cmd = Command::new(bin);
+        // -V prints "Using epoll() ..." once the configuration is loaded and
+        // the frontend bound: the readiness signal.
+        cmd.arg("-V").arg("-db").arg("-f").arg(&path);
+        let proc = Proc::spawn("haproxy", cmd);
+        proc.wait_for_text("as the polling mechanism", WAIT).await;
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        Haproxy {
+            proc,
+            addr,
+            _dir: dir,
+        }
+    }
+
+    /// `http://addr` (agents dial it as their broker URL; clients as the
+    /// front door).
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
