@@ -61,6 +61,7 @@ async fn token_seen(b: &Broker, conn: &str, up: &Upstream) -> (u16, Option<Strin
         WAIT,
         client()
             .get(format!("{}/api/v4/version", b.front(conn)))
+            .header("x-gitproxy-key", API_KEY)
             .send(),
     )
     .await
