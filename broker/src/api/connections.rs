@@ -290,9 +290,8 @@ pub async fn delete(State(state): State<Arc<AppState>>, Path(id): Path<String>) 
 
 async fn delete_inner(state: &AppState, id: &str) -> Result<Written, ApiError> {
     let _w = state.write_lock.lock().await;
-    if state.connections().get(id).is_none() {
-        return Err(ApiError::unknown(id));
-    }
+    // Cluster mode: the connection may have been made (or deleted) through
+    // another replica a moment ago.
     refresh(state).await?;
     if state.connections().get(id).is_none() {
         return Err(ApiError::unknown(id));
@@ -342,9 +341,6 @@ async fn access_key_inner(
     id: &str,
 ) -> Result<(String, String, Written), ApiError> {
     let _w = state.write_lock.lock().await;
-    if state.connections().get(id).is_none() {
-        return Err(ApiError::unknown(id));
-    }
     refresh(state).await?;
     let Some(c) = state.connections().get(id) else {
         return Err(ApiError::unknown(id));
