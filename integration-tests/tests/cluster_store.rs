@@ -397,3 +397,84 @@ async fn a_replica_with_another_store_key_refuses_to_start_without_showing_a_tok
         (200, Some(TOKEN_1.into()))
     );
 }
+
+async fn readyz(b: &Broker) -> u16 {
+    tokio::time::timeout(WAIT, client().get(format!("{}/readyz", b.api())).send())
+        .await
+        .expect("readyz hung")
+        .expect("readyz")
+        .status()
+        .as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_started_while_redis_is_down_serves_the_file_and_loads_the_store_later() {
+    use gitproxy_integration_tests::harness::broker::ConnSpec;
+    let up = Upstream::start().await;
+    let mut redis = Redis::start(None).await;
+    let files = ClusterFiles::new();
+    let spec = BrokerSpec {
+        connections: vec![ConnSpec::direct("filed", &up.url()).token(TOKEN_4)],
+        ..spec()
+    };
+    let first = start_replicas(1, &spec, &BrokerOptions::default(), &redis, &files).await;
+    let a = &first[0];
+    subscribed(&first).await;
+    let r = api(
+        a,
+        reqwest::Method::PUT,
+        "/v1/connections/acme",
+        Some(json!({"mode": "direct", "gitlab_url": up.url(), "token": TOKEN_1})),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.json);
+
+    // A second replica starts while Redis is down: it serves the config
+    // file's connections, but says it is not ready, since the API-made ones
+    // are missing.
+    redis.kill().await;
+    let mut s = spec.clone();
+    s.args.extend(files.args(&redis, "late"));
+    let b = Broker::start_with(s, BrokerOptions::default()).await;
+    assert_eq!(readyz(&b).await, 503);
+    assert_eq!(readyz(a).await, 200, "a loaded replica stays ready");
+    assert_eq!(
+        token_seen(&b, "filed", &up).await,
+        (200, Some(TOKEN_4.into()))
+    );
+    assert_eq!(token_seen(&b, "acme", &up).await.0, 404);
+    assert_eq!(
+        token_seen(a, "acme", &up).await,
+        (200, Some(TOKEN_1.into()))
+    );
+
+    // Redis is back (empty): A re-seeds it, B loads it, and a write through
+    // A is acknowledged by B and used by it at once.
+    redis.restart().await;
+    b.proc
+        .wait_for_message(
+            "subscribed to store changes again; reloading the store",
+            WAIT,
+        )
+        .await;
+    let r = api(
+        a,
+        reqwest::Method::PUT,
+        "/v1/connections/acme",
+        Some(json!({"token": TOKEN_2})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    assert_eq!(
+        token_seen(&b, "acme", &up).await,
+        (200, Some(TOKEN_2.into()))
+    );
+    assert_eq!(readyz(&b).await, 200);
+    assert_eq!(
+        a.proc.count_message("store change not acknowledged by every replica within 2s: answering anyway; a replica that missed it reloads within 2s"),
+        0
+    );
+    for p in [&a.proc, &b.proc] {
+        p.assert_no_secrets(&[TOKEN_1, TOKEN_2, TOKEN_4]);
+    }
+}

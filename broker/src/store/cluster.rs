@@ -198,7 +198,42 @@ fn json_why(e: &serde_json::Error) -> String {
     )
 }
 
+/// One command or one pipeline, for [`ClusterStore::query`].
+#[derive(Clone, Copy)]
+enum Query<'a> {
+    Cmd(&'a redis::Cmd),
+    Pipe(&'a redis::Pipeline),
+}
+
 impl ClusterStore {
+    /// Runs `q`, once more on a fresh connection when Redis dropped the one
+    /// it went out on: after a Redis restart the shared connection fails its
+    /// first command and reconnects, and an API write must not answer
+    /// `store_unavailable` for that. Running a write twice is harmless: its
+    /// `HSET`/`HDEL`/`HSETNX` are idempotent and the version only needs to
+    /// grow. A refused connection (Redis down) is not retried.
+    async fn query<T: redis::FromRedisValue>(&self, q: Query<'_>) -> Result<T, StoreError> {
+        let mut retried = false;
+        loop {
+            let mut con = self.redis.conn();
+            let r = match q {
+                Query::Cmd(c) => c.query_async(&mut con).await,
+                Query::Pipe(p) => p.query_async(&mut con).await,
+            };
+            match r {
+                Ok(v) => {
+                    self.redis.set_up(true);
+                    return Ok(v);
+                }
+                Err(e) if !retried && e.is_connection_dropped() && !e.is_connection_refusal() => {
+                    tracing::debug!("Redis dropped the store's connection ({e}); trying once more");
+                    retried = true;
+                }
+                Err(e) => return Err(unavailable(&self.redis, e)),
+            }
+        }
+    }
+
     /// The store of `cluster`, empty until [`ClusterStore::load`].
     pub fn new(cluster: &Cluster) -> anyhow::Result<ClusterStore> {
         let key = StoreKey::new(&cluster.settings.store_key_bytes())
@@ -239,23 +274,19 @@ impl ClusterStore {
     }
 
     async fn fetch(&self) -> Result<Raw, StoreError> {
-        let mut con = self.redis.conn();
         type Hash = HashMap<String, String>;
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("GET")
+            .arg(KEY_VERSION)
+            .cmd("GET")
+            .arg(KEY_CHECK)
+            .cmd("HGETALL")
+            .arg(KEY_CONNECTIONS)
+            .cmd("HGETALL")
+            .arg(KEY_MRS);
         let (version, key_check, connections, mrs): (Option<u64>, Option<String>, Hash, Hash) =
-            redis::pipe()
-                .atomic()
-                .cmd("GET")
-                .arg(KEY_VERSION)
-                .cmd("GET")
-                .arg(KEY_CHECK)
-                .cmd("HGETALL")
-                .arg(KEY_CONNECTIONS)
-                .cmd("HGETALL")
-                .arg(KEY_MRS)
-                .query_async(&mut con)
-                .await
-                .map_err(|e| unavailable(&self.redis, e))?;
-        self.redis.set_up(true);
+            self.query(Query::Pipe(&pipe)).await?;
         Ok(Raw {
             version,
             key_check,
@@ -440,11 +471,7 @@ impl ClusterStore {
             })?;
             cmd.arg(Self::mr_field(mr)).arg(json);
         }
-        let mut con = self.redis.conn();
-        let done: i64 = cmd
-            .query_async(&mut con)
-            .await
-            .map_err(|e| unavailable(&self.redis, e))?;
+        let done: i64 = self.query(Query::Cmd(&cmd)).await?;
         Ok(done == 1)
     }
 
@@ -481,14 +508,9 @@ impl ClusterStore {
 
     /// The store's version in Redis (`None`: no store there).
     pub async fn current_version(&self) -> Result<Option<u64>, StoreError> {
-        let mut con = self.redis.conn();
-        let v = redis::cmd("GET")
-            .arg(KEY_VERSION)
-            .query_async(&mut con)
-            .await
-            .map_err(|e| unavailable(&self.redis, e))?;
-        self.redis.set_up(true);
-        Ok(v)
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(KEY_VERSION);
+        self.query(Query::Cmd(&cmd)).await
     }
 
     /// Runs a write (`pipe` gets the INCR appended; its other commands must
@@ -500,12 +522,7 @@ impl ClusterStore {
     ) -> Result<Written, StoreError> {
         let acks = self.acks.subscribe();
         pipe.cmd("INCR").arg(KEY_VERSION);
-        let mut con = self.redis.conn();
-        let (version,): (u64,) = pipe
-            .query_async(&mut con)
-            .await
-            .map_err(|e| unavailable(&self.redis, e))?;
-        self.redis.set_up(true);
+        let (version,): (u64,) = self.query(Query::Pipe(pipe)).await?;
         {
             let mut c = self.copy();
             update(&mut c.data);
