@@ -478,3 +478,79 @@ async fn a_replica_started_while_redis_is_down_serves_the_file_and_loads_the_sto
         p.assert_no_secrets(&[TOKEN_1, TOKEN_2, TOKEN_4]);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn merge_requests_tracked_through_one_replica_are_listed_by_another() {
+    use gitproxy_integration_tests::sandbox::{
+        access, demo, ProjectSpec, Sandbox, SandboxConfig, TokenSpec,
+    };
+    const GL_TOKEN: &str = "testpat-cluster-store-mr-00001";
+    gitproxy_integration_tests::harness::init();
+    let gl_dir = tempfile::tempdir().unwrap();
+    let (sb, gl_addr) = Sandbox::start(SandboxConfig::new(gl_dir.path().join("gitlab")))
+        .await
+        .expect("sandbox starts");
+    let uid = sb.add_user("alice");
+    sb.add_token(TokenSpec::new(
+        GL_TOKEN,
+        uid,
+        &["api", "read_repository", "write_repository"],
+    ));
+    sb.add_project(
+        ProjectSpec::new("demo-group/webapp")
+            .member(uid, access::DEVELOPER)
+            .file("package.json", demo::WEBAPP_PACKAGE_JSON),
+    );
+    let redis = Redis::start(None).await;
+    let files = ClusterFiles::new();
+    let replicas = start_replicas(2, &spec(), &BrokerOptions::default(), &redis, &files).await;
+    subscribed(&replicas).await;
+    let (a, b) = (&replicas[0], &replicas[1]);
+    let r = api(
+        a,
+        reqwest::Method::PUT,
+        "/v1/connections/acme",
+        Some(
+            json!({"mode": "direct", "gitlab_url": format!("http://{gl_addr}"), "token": GL_TOKEN}),
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.json);
+
+    let fixed = demo::WEBAPP_PACKAGE_JSON.replace("4.17.15", "4.17.21");
+    let body = json!({
+        "project": "demo-group/webapp",
+        "source_branch": "fix/lodash",
+        "title": "Bump lodash from 4.17.15 to 4.17.21",
+        "changes": [{"path": "package.json", "content": fixed}]
+    });
+    let path = "/v1/connections/acme/merge-requests";
+    let r = api(a, reqwest::Method::POST, path, Some(body.clone())).await;
+    assert_eq!(r.status, 201, "{}", r.json);
+    let iid = r.json["merge_request"]["iid"].as_u64().unwrap();
+    // Listed through B at once, from the store in Redis.
+    let r = api(b, reqwest::Method::GET, path, None).await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    let list = r.json["merge_requests"].as_array().unwrap();
+    assert_eq!(list.len(), 1, "{}", r.json);
+    assert_eq!(list[0]["iid"].as_u64(), Some(iid));
+    assert_eq!(list[0]["state"], "opened");
+    // The same MR asked through B again: not opened twice, not tracked twice.
+    let r = api(b, reqwest::Method::POST, path, Some(body)).await;
+    assert_eq!(
+        (r.status, &r.json["created"]),
+        (200, &json!(false)),
+        "{}",
+        r.json
+    );
+    let r = api(a, reqwest::Method::GET, path, None).await;
+    assert_eq!(
+        r.json["merge_requests"].as_array().unwrap().len(),
+        1,
+        "{}",
+        r.json
+    );
+    let dump = redis.dump().await;
+    assert!(dump.contains("gitproxy:store:mrs"), "{dump}");
+    assert!(!dump.contains(GL_TOKEN), "{dump}");
+}
