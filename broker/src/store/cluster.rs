@@ -629,8 +629,11 @@ impl ClusterStore {
     /// replica of the registry, acknowledged a version at least the write's,
     /// or [`ACK_TIMEOUT`] passed.
     pub async fn wait_applied(&self, mut p: Pending) {
-        let live = self.live_replicas().await;
         let deadline = p.started + ACK_TIMEOUT;
+        // Redis going away right after the write must not stretch the bound.
+        let live = tokio::time::timeout_at(deadline, self.live_replicas())
+            .await
+            .unwrap_or_default();
         let mut acked = BTreeSet::new();
         loop {
             let missing: Vec<&String> = live.iter().filter(|id| !acked.contains(*id)).collect();
