@@ -59,10 +59,21 @@ pub fn main_with(cli: Cli) -> ExitCode {
             return ExitCode::from(64);
         }
     };
-    let store = match store::Store::open(cfg.data_dir.as_deref()) {
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (store, cluster) = match rt.block_on(open_store(&cfg)) {
         Ok(s) => s,
         Err(e) => {
-            tracing::error!("invalid data directory: {e:#}");
+            if cfg.cluster.is_some() {
+                tracing::error!("cannot open the API store in Redis: {e:#}");
+            } else {
+                tracing::error!("invalid data directory: {e:#}");
+            }
             return ExitCode::from(64);
         }
     };
@@ -82,18 +93,7 @@ pub fn main_with(cli: Cli) -> ExitCode {
     if !store.persistent() {
         tracing::warn!("no --data-dir: connections cannot be changed through the API, and merge-request tracking is kept in memory only");
     }
-    let rt = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!("cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     let result = rt.block_on(async move {
-        let cluster = match &cfg.cluster {
-            Some(c) => Some(cluster::Cluster::new(c.clone(), &cfg.extra_ca_pem)?),
-            None => None,
-        };
         let listeners = server::Listeners::bind(&cfg).await?;
         let shutdown = CancellationToken::new();
         tokio::spawn(gitproxy_shared::signal::shutdown_on_signal(
@@ -117,4 +117,35 @@ pub fn main_with(cli: Cli) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The API store: in Redis in cluster mode (read once now; a Redis that does
+/// not answer yet is not fatal, the store loads when it does), else the file
+/// under `--data-dir`. A store that cannot be read (a corrupt file, a store
+/// key that does not open Redis's values) is.
+async fn open_store(
+    cfg: &BrokerConfig,
+) -> anyhow::Result<(store::Store, Option<std::sync::Arc<cluster::Cluster>>)> {
+    let Some(settings) = &cfg.cluster else {
+        return Ok((store::Store::open(cfg.data_dir.as_deref())?, None));
+    };
+    let cluster = cluster::Cluster::new(settings.clone(), &cfg.extra_ca_pem)?;
+    let store = store::Store::cluster(&cluster)?;
+    if let Some(c) = store.as_cluster() {
+        match c.load().await {
+            Ok(_) => tracing::info!(
+                version = c.version(),
+                connections = c.snapshot().connections.len(),
+                "API store loaded from Redis"
+            ),
+            Err(e) if e.is_unavailable() => tracing::warn!(
+                "{e}; starting with the config file's connections only: the API-made ones load as soon as Redis answers"
+            ),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if cfg.data_dir.is_some() {
+        tracing::info!("cluster mode: the API store lives in Redis, not under --data-dir");
+    }
+    Ok((store, Some(cluster)))
 }

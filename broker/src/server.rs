@@ -125,6 +125,7 @@ pub async fn run(
     let limits = cfg.listeners.clone();
 
     crate::reload::spawn(state.clone(), shutdown.clone());
+    crate::store::sync::spawn(state.clone(), shutdown.clone());
 
     // Agent listener.
     let (agent_health, agent_health_svc) = tonic_health::server::health_reporter();

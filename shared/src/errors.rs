@@ -36,11 +36,13 @@ pub enum ErrorCode {
     BadRequest,
     /// A bug or an unexpected local failure.
     Internal,
+    /// Cluster mode: the shared store (Redis) cannot be written or read.
+    StoreUnavailable,
 }
 
 impl ErrorCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::Unauthorized,
         ErrorCode::UnknownConnection,
         ErrorCode::AgentNotConnected,
@@ -54,6 +56,7 @@ impl ErrorCode {
         ErrorCode::ProtocolError,
         ErrorCode::BadRequest,
         ErrorCode::Internal,
+        ErrorCode::StoreUnavailable,
     ];
 
     /// The wire name (`X-Gitproxy-Error`, JSON `error`, tunnel `Error.code`).
@@ -72,6 +75,7 @@ impl ErrorCode {
             ErrorCode::ProtocolError => "protocol_error",
             ErrorCode::BadRequest => "bad_request",
             ErrorCode::Internal => "internal",
+            ErrorCode::StoreUnavailable => "store_unavailable",
         }
     }
 
@@ -89,7 +93,9 @@ impl ErrorCode {
         match self {
             ErrorCode::Unauthorized => 401,
             ErrorCode::UnknownConnection => 404,
-            ErrorCode::AgentNotConnected | ErrorCode::Overloaded => 503,
+            ErrorCode::AgentNotConnected | ErrorCode::Overloaded | ErrorCode::StoreUnavailable => {
+                503
+            }
             ErrorCode::AgentDisconnected
             | ErrorCode::UpstreamUnreachable
             | ErrorCode::UpstreamTls
@@ -143,6 +149,9 @@ impl ErrorCode {
             }
             ErrorCode::BadRequest => "The request is malformed.",
             ErrorCode::Internal => "An unexpected error occurred in gitproxy; see its logs.",
+            ErrorCode::StoreUnavailable => {
+                "The shared store (Redis, --redis-url) cannot be reached or read, so the change was not saved: check Redis and this replica's connection to it (its logs say why), then retry. Front-door requests keep using the connections loaded last."
+            }
         }
     }
 }

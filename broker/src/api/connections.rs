@@ -3,15 +3,18 @@
 //! are never part of a view.
 //!
 //! Writes go to the API store (persisted under `--data-dir`, refused
-//! without one) and the table is rebuilt from the config file merged with
-//! the store (see `ConnectionSet::from_sources`) and swapped in whole.
+//! without one; in Redis in cluster mode) and the table is rebuilt from the
+//! config file merged with the store (see `ConnectionSet::from_sources`) and
+//! swapped in whole. In cluster mode a write first reloads the store (so it
+//! starts from what the other replicas wrote) and answers once every live
+//! replica applied it (see `crate::store::cluster`).
 
 use super::error::ApiError;
 use crate::config::connections::{valid_id, validate_fields};
 use crate::config::{Connection, ConnectionSet, Mode};
 use crate::frontdoor::respond::error_response;
 use crate::state::AppState;
-use crate::store::{StoreError, StoredConnection};
+use crate::store::{StoreError, StoredConnection, Written};
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::response::IntoResponse;
@@ -144,18 +147,9 @@ fn now() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
 
-/// Validates the store with `change` applied, persists it and swaps the new
-/// table in. Runs under the state's write lock.
-fn commit(state: &AppState, next: BTreeMap<String, StoredConnection>) -> Result<(), ApiError> {
-    let set = ConnectionSet::from_sources(
-        &state.file(),
-        state.config.base_dir.as_deref(),
-        &next,
-        &state.config.extra_ca_pem,
-        &state.config.policy,
-    )
-    .map_err(|e| ApiError::invalid(format!("{e:#}")))?;
-    state.store.save_connections(next).map_err(|e| match e {
+/// The API's answer to a store that refused a write.
+pub fn store_error(e: StoreError) -> ApiError {
+    match e {
         StoreError::NoDataDir => ApiError::new(
             409,
             "persistence_disabled",
@@ -168,9 +162,44 @@ fn commit(state: &AppState, next: BTreeMap<String, StoredConnection>) -> Result<
             e.to_string(),
             "Check that the data directory is writable and not full.",
         ),
-    })?;
+        StoreError::Unavailable(_) | StoreError::WrongKey { .. } | StoreError::Corrupt { .. } => {
+            GitproxyError::new(ErrorCode::StoreUnavailable, e.to_string()).into()
+        }
+    }
+}
+
+/// Reloads the store (cluster mode: what other replicas wrote) before a
+/// change is computed from it. Runs under the state's write lock.
+async fn refresh(state: &AppState) -> Result<(), ApiError> {
+    crate::store::sync::refresh(state)
+        .await
+        .map(|_| ())
+        .map_err(store_error)
+}
+
+/// Validates the store with `change` applied, persists it and swaps the new
+/// table in. Runs under the state's write lock; the caller waits for the
+/// other replicas ([`crate::store::Store::wait_applied`]) once it let go of
+/// the lock.
+async fn commit(
+    state: &AppState,
+    next: BTreeMap<String, StoredConnection>,
+) -> Result<Written, ApiError> {
+    let set = ConnectionSet::from_sources(
+        &state.file(),
+        state.config.base_dir.as_deref(),
+        &next,
+        &state.config.extra_ca_pem,
+        &state.config.policy,
+    )
+    .map_err(|e| ApiError::invalid(format!("{e:#}")))?;
+    let written = state
+        .store
+        .save_connections(next)
+        .await
+        .map_err(store_error)?;
     crate::reload::apply(state, set);
-    Ok(())
+    Ok(written)
 }
 
 fn check_id(id: &str) -> Result<(), ApiError> {
@@ -188,7 +217,8 @@ pub async fn put(
     body: bytes::Bytes,
 ) -> Response<Body> {
     match put_inner(&state, &id, &body).await {
-        Ok((created, v)) => {
+        Ok((created, v, written)) => {
+            state.store.wait_applied(written).await;
             let mut r = Json(v).into_response();
             if created {
                 *r.status_mut() = http::StatusCode::CREATED;
@@ -203,7 +233,7 @@ async fn put_inner(
     state: &Arc<AppState>,
     id: &str,
     body: &[u8],
-) -> Result<(bool, ConnectionView), ApiError> {
+) -> Result<(bool, ConnectionView, Written), ApiError> {
     check_id(id)?;
     let b: PutBody = serde_json::from_slice(body).map_err(|e| {
         // serde's message names the field, never the value.
@@ -219,6 +249,7 @@ async fn put_inner(
         return Err(ApiError::invalid("token must not be empty"));
     }
     let _w = state.write_lock.lock().await;
+    refresh(state).await?;
     let created = state.connections().get(id).is_none();
     let mut next = state.store.snapshot().connections;
     let mut e = next.remove(id).filter(|e| !e.deleted).unwrap_or_default();
@@ -237,26 +268,39 @@ async fn put_inner(
     }
     e.updated_at = now();
     next.insert(id.to_string(), e);
-    commit(state, next)?;
-    tracing::info!(connection = %id, created, token_changed = rotated, "connection saved through the API");
+    let written = commit(state, next).await?;
+    tracing::info!(connection = %id, created, token_changed = rotated, store_version = written.version(), "connection saved through the API");
     let c = state
         .connections()
         .get(id)
         .ok_or_else(|| ApiError::unknown(id))?;
-    Ok((created, view(state, &c)))
+    Ok((created, view(state, &c), written))
 }
 
 /// `DELETE /v1/connections/{id}`.
 pub async fn delete(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response<Body> {
+    match delete_inner(&state, &id).await {
+        Ok(written) => {
+            state.store.wait_applied(written).await;
+            http::StatusCode::NO_CONTENT.into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn delete_inner(state: &AppState, id: &str) -> Result<Written, ApiError> {
     let _w = state.write_lock.lock().await;
-    if state.connections().get(&id).is_none() {
-        return ApiError::unknown(&id).into_response();
+    // Cluster mode: the connection may have been made (or deleted) through
+    // another replica a moment ago.
+    refresh(state).await?;
+    if state.connections().get(id).is_none() {
+        return Err(ApiError::unknown(id));
     }
     let mut next = state.store.snapshot().connections;
     let in_file = state.file().connections.iter().any(|c| c.id == id);
     if in_file {
         next.insert(
-            id.clone(),
+            id.to_string(),
             StoredConnection {
                 deleted: true,
                 updated_at: now(),
@@ -264,15 +308,11 @@ pub async fn delete(State(state): State<Arc<AppState>>, Path(id): Path<String>) 
             },
         );
     } else {
-        next.remove(&id);
+        next.remove(id);
     }
-    match commit(&state, next) {
-        Ok(()) => {
-            tracing::info!(connection = %id, "connection deleted through the API");
-            http::StatusCode::NO_CONTENT.into_response()
-        }
-        Err(e) => e.into_response(),
-    }
+    let written = commit(state, next).await?;
+    tracing::info!(connection = %id, store_version = written.version(), "connection deleted through the API");
+    Ok(written)
 }
 
 /// `POST /v1/connections/{id}/access-key`: a new accessKey, shown only in
@@ -281,28 +321,9 @@ pub async fn access_key(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Response<Body> {
-    let _w = state.write_lock.lock().await;
-    let Some(c) = state.connections().get(&id) else {
-        return ApiError::unknown(&id).into_response();
-    };
-    if c.mode != Mode::Agent {
-        return ApiError::new(
-            409,
-            "not_agent_mode",
-            format!("connection {id} is in direct mode: it has no agents and needs no accessKey"),
-            "Switch it to agent mode first: PUT {\"mode\": \"agent\"}.",
-        )
-        .into_response();
-    }
-    let (key, hash) = crate::keygen::generate();
-    let mut next = state.store.snapshot().connections;
-    let mut e = next.remove(&id).filter(|e| !e.deleted).unwrap_or_default();
-    e.access_key_sha256 = Some(hash.clone());
-    e.updated_at = now();
-    next.insert(id.clone(), e);
-    match commit(&state, next) {
-        Ok(()) => {
-            tracing::info!(connection = %id, access_key_sha256 = %hash, "new accessKey issued through the API");
+    match access_key_inner(&state, &id).await {
+        Ok((key, hash, written)) => {
+            state.store.wait_applied(written).await;
             let mut r = Json(serde_json::json!({"access_key": key, "access_key_sha256": hash}))
                 .into_response();
             r.headers_mut().insert(
@@ -313,4 +334,32 @@ pub async fn access_key(
         }
         Err(e) => e.into_response(),
     }
+}
+
+async fn access_key_inner(
+    state: &AppState,
+    id: &str,
+) -> Result<(String, String, Written), ApiError> {
+    let _w = state.write_lock.lock().await;
+    refresh(state).await?;
+    let Some(c) = state.connections().get(id) else {
+        return Err(ApiError::unknown(id));
+    };
+    if c.mode != Mode::Agent {
+        return Err(ApiError::new(
+            409,
+            "not_agent_mode",
+            format!("connection {id} is in direct mode: it has no agents and needs no accessKey"),
+            "Switch it to agent mode first: PUT {\"mode\": \"agent\"}.",
+        ));
+    }
+    let (key, hash) = crate::keygen::generate();
+    let mut next = state.store.snapshot().connections;
+    let mut e = next.remove(id).filter(|e| !e.deleted).unwrap_or_default();
+    e.access_key_sha256 = Some(hash.clone());
+    e.updated_at = now();
+    next.insert(id.to_string(), e);
+    let written = commit(state, next).await?;
+    tracing::info!(connection = %id, access_key_sha256 = %hash, store_version = written.version(), "new accessKey issued through the API");
+    Ok((key, hash, written))
 }

@@ -21,7 +21,7 @@
 use super::error::ApiError;
 use crate::frontdoor::internal::{self, query_value, segment, Answer};
 use crate::state::AppState;
-use crate::store::TrackedMr;
+use crate::store::{StoreError, TrackedMr};
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::response::IntoResponse;
@@ -330,7 +330,7 @@ pub async fn open(
         ));
     }
     if let Some(mr) = open_mr_for(state, conn, p.id, &req.source_branch).await? {
-        let v = track(state, conn, &p, &mr)?;
+        let v = track(state, conn, &p, &mr).await?;
         return Ok((false, v));
     }
     // Branch and commit in one call.
@@ -389,12 +389,12 @@ pub async fn open(
     .await?;
     match a.status {
         200 | 201 => {
-            let v = track(state, conn, &p, &a.json())?;
+            let v = track(state, conn, &p, &a.json()).await?;
             tracing::info!(connection = %conn, project = %p.path, iid = v.iid, source_branch = %v.source_branch, "merge request opened");
             Ok((true, v))
         }
         409 => match open_mr_for(state, conn, p.id, &req.source_branch).await? {
-            Some(mr) => Ok((false, track(state, conn, &p, &mr)?)),
+            Some(mr) => Ok((false, track(state, conn, &p, &mr).await?)),
             None => Err(ApiError::gitlab(
                 "POST /merge_requests",
                 409,
@@ -405,7 +405,7 @@ pub async fn open(
     }
 }
 
-fn track(state: &AppState, conn: &str, p: &Project, mr: &Value) -> Result<MrView, ApiError> {
+async fn track(state: &AppState, conn: &str, p: &Project, mr: &Value) -> Result<MrView, ApiError> {
     let created_at = now();
     let v = view_of(conn, p, mr, &created_at);
     if v.iid == 0 {
@@ -427,7 +427,7 @@ fn track(state: &AppState, conn: &str, p: &Project, mr: &Value) -> Result<MrView
             ..v
         });
     }
-    state
+    let written = state
         .store
         .track_mr(TrackedMr {
             connection: conn.to_string(),
@@ -440,14 +440,17 @@ fn track(state: &AppState, conn: &str, p: &Project, mr: &Value) -> Result<MrView
             web_url: v.web_url.clone(),
             created_at,
         })
-        .map_err(|e| {
-            ApiError::new(
+        .await
+        .map_err(|e| match e {
+            StoreError::NoDataDir | StoreError::Io { .. } => ApiError::new(
                 500,
                 "storage_error",
                 e.to_string(),
                 "Check that the data directory is writable and not full.",
-            )
+            ),
+            e => super::connections::store_error(e),
         })?;
+    state.store.wait_applied(written).await;
     Ok(v)
 }
 

@@ -100,6 +100,13 @@ async fn fallback(req: http::Request<axum::body::Body>) -> http::Response<axum::
 async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str) {
     if state.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+    } else if state.store.as_cluster().is_some_and(|s| !s.loaded()) {
+        // Cluster mode, Redis not read yet: the API-made connections are
+        // missing, so callers would get unknown_connection for them.
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "API store not loaded from Redis yet\n",
+        )
     } else {
         (StatusCode::OK, "ready\n")
     }

@@ -1,5 +1,4 @@
-//! The API store: connections made or changed through `/v1/connections`, and
-//! the merge requests gitproxy opened, persisted as one JSON file
+//! The store of one broker without Redis: one JSON file
 //! (`<data-dir>/store.json`, mode 0600).
 //!
 //! Writes are atomic: the new content goes to a temporary file in the same
@@ -15,9 +14,8 @@
 //! the file's): it is created readable by the broker's user only. accessKeys
 //! are stored as their SHA-256 only.
 
+use super::{StoreData, StoreError, StoredConnection, TrackedMr};
 use anyhow::Context;
-use gitproxy_shared::Secret;
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -26,112 +24,20 @@ use std::sync::Mutex;
 /// The store's file name under the data directory.
 pub const FILE_NAME: &str = "store.json";
 
-/// One connection's fields set through the API. Fields left `None` come from
-/// the config file's connection of the same id (if any).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct StoredConnection {
-    /// "agent" or "direct".
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mode: Option<String>,
-    /// GitLab base URL.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gitlab_url: Option<String>,
-    /// External URL; `Some("")` clears the file's.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub external_url: Option<String>,
-    /// GitLab token.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        serialize_with = "ser_secret"
-    )]
-    pub token: Option<Secret>,
-    /// SHA-256 (hex) of the accessKey.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub access_key_sha256: Option<String>,
-    /// A connection of the config file deleted through the API (a tombstone:
-    /// the file's definition stays hidden until the id is PUT again).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub deleted: bool,
-    /// RFC 3339 time of the last API change.
-    #[serde(default)]
-    pub updated_at: String,
-}
-
-fn ser_secret<S: serde::Serializer>(v: &Option<Secret>, s: S) -> Result<S::Ok, S::Error> {
-    match v {
-        Some(t) => s.serialize_some(t.expose()),
-        None => s.serialize_none(),
-    }
-}
-
-/// A merge request gitproxy opened.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct TrackedMr {
-    /// Connection id.
-    pub connection: String,
-    /// GitLab project id.
-    pub project_id: u64,
-    /// `group/name` as GitLab names it.
-    pub project: String,
-    /// The MR's iid within its project.
-    pub iid: u64,
-    /// Source branch.
-    pub source_branch: String,
-    /// Target branch.
-    pub target_branch: String,
-    /// Title when opened.
-    pub title: String,
-    /// GitLab's URL of the MR.
-    pub web_url: String,
-    /// RFC 3339 time gitproxy opened (or first returned) it.
-    pub created_at: String,
-}
-
-/// Everything the store holds.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct StoreData {
-    /// Format version (1).
-    #[serde(default)]
-    pub version: u32,
-    /// API-made connection settings, by id.
-    #[serde(default)]
-    pub connections: BTreeMap<String, StoredConnection>,
-    /// Merge requests opened, oldest first.
-    #[serde(default)]
-    pub merge_requests: Vec<TrackedMr>,
-}
-
-/// Why a write failed.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// No `--data-dir`.
-    #[error("connections cannot be changed through the API without a data directory: start the broker with --data-dir (GITPROXY_DATA_DIR), or define the connection in the config file")]
-    NoDataDir,
-    /// The disk said no.
-    #[error("cannot save {path}: {source}")]
-    Io {
-        /// The file.
-        path: String,
-        /// Why.
-        source: std::io::Error,
-    },
-}
-
-/// The store.
+/// The file store.
 #[derive(Debug)]
-pub struct Store {
+pub struct FileStore {
     dir: Option<PathBuf>,
     data: Mutex<StoreData>,
 }
 
-impl Store {
+impl FileStore {
     /// Opens (or creates) the store under `dir`; in memory without one. A
     /// file that cannot be parsed is an error: the broker refuses to start
     /// rather than forget connections.
-    pub fn open(dir: Option<&Path>) -> anyhow::Result<Store> {
+    pub fn open(dir: Option<&Path>) -> anyhow::Result<FileStore> {
         let Some(dir) = dir else {
-            return Ok(Store {
+            return Ok(FileStore {
                 dir: None,
                 data: Mutex::new(StoreData::default()),
             });
@@ -162,7 +68,7 @@ impl Store {
                 }
             }
         }
-        Ok(Store {
+        Ok(FileStore {
             dir: Some(dir.to_path_buf()),
             data: Mutex::new(data),
         })
@@ -247,6 +153,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gitproxy_shared::Secret;
 
     #[test]
     fn persists_atomically_and_reloads() {
@@ -255,7 +162,7 @@ mod tests {
             std::process::id(),
             rand::random::<u32>()
         ));
-        let s = Store::open(Some(&dir)).unwrap();
+        let s = FileStore::open(Some(&dir)).unwrap();
         let mut c = BTreeMap::new();
         c.insert(
             "acme".to_string(),
@@ -267,7 +174,7 @@ mod tests {
             },
         );
         s.save_connections(c).unwrap();
-        let again = Store::open(Some(&dir)).unwrap();
+        let again = FileStore::open(Some(&dir)).unwrap();
         let snap = again.snapshot();
         assert_eq!(
             snap.connections["acme"].token.as_ref().unwrap().expose(),
@@ -275,13 +182,13 @@ mod tests {
         );
         assert!(!format!("{snap:?}").contains("glpat-x"));
         std::fs::write(dir.join(FILE_NAME), b"{not json").unwrap();
-        assert!(Store::open(Some(&dir)).is_err());
+        assert!(FileStore::open(Some(&dir)).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn refuses_connection_writes_in_memory() {
-        let s = Store::open(None).unwrap();
+        let s = FileStore::open(None).unwrap();
         assert!(matches!(
             s.save_connections(BTreeMap::new()),
             Err(StoreError::NoDataDir)
