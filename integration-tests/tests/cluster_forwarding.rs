@@ -214,6 +214,26 @@ async fn every_replica_serves_a_connection_whose_agent_is_on_one() {
         assert!(!format!("{h:?}").contains(PEER_SECRET));
     }
 
+    // Informal: the added latency of a forwarded hop (printed, never
+    // asserted; the benchmark measures it properly).
+    let mut median = Vec::new();
+    for b in &c.replicas[..2] {
+        let url = format!("{}/api/v4/version", b.front("acme"));
+        let mut times = Vec::new();
+        for _ in 0..200 {
+            let t = Instant::now();
+            let r = http.get(&url).send().await.expect("send");
+            r.bytes().await.expect("body");
+            times.push(t.elapsed());
+        }
+        times.sort();
+        median.push(times[times.len() / 2]);
+    }
+    eprintln!(
+        "p50 of 200 sequential GETs: local (r0) {:?}, forwarded (r1) {:?}",
+        median[0], median[1]
+    );
+
     let n = bulk_bytes();
     let fwd = &c.replicas[1];
     let t = Instant::now();
@@ -247,15 +267,15 @@ async fn every_replica_serves_a_connection_whose_agent_is_on_one() {
         &m1,
         "gitproxy_forwarded_requests_total{connection=\"acme\",direction=\"out\"}",
     );
-    assert_eq!(out, Some(4.0), "{m1}");
+    assert_eq!(out, Some(204.0), "{m1}");
     assert_eq!(metric(&m1, "gitproxy_registry_up "), Some(1.0), "{m1}");
     let m0 = metrics(&c.replicas[0]).await;
     let inn = metric(
         &m0,
         "gitproxy_forwarded_requests_total{connection=\"acme\",direction=\"in\"}",
     );
-    // r1's four, and r2's two REST requests.
-    assert_eq!(inn, Some(6.0), "{m0}");
+    // r1's 204, and r2's two REST requests.
+    assert_eq!(inn, Some(206.0), "{m0}");
     for b in &c.replicas {
         b.proc.assert_no_secrets(&[KEY, TOKEN, PEER_SECRET]);
     }
