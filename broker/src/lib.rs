@@ -95,6 +95,14 @@ pub fn main_with(cli: Cli) -> ExitCode {
     }
     let result = rt.block_on(async move {
         let listeners = server::Listeners::bind(&cfg).await?;
+        let cluster = match (&cfg.cluster, &listeners.peer) {
+            (Some(c), Some(peer)) => Some(cluster::Cluster::new(
+                c.clone(),
+                &cfg.extra_ca_pem,
+                peer.local_addr()?,
+            )?),
+            _ => None,
+        };
         let shutdown = CancellationToken::new();
         tokio::spawn(gitproxy_shared::signal::shutdown_on_signal(
             shutdown.clone(),

@@ -80,6 +80,9 @@ struct ConnMetrics {
     agent_connects: u64,
     agent_disconnects: u64,
     protocol_violations: u64,
+    /// Cluster mode: requests sent to another replica / received from one.
+    forwarded_out: u64,
+    forwarded_in: u64,
 }
 
 /// Live values read at scrape time.
@@ -231,6 +234,18 @@ impl Observer {
         self.with(connection, |m| m.protocol_violations += 1);
     }
 
+    /// Cluster mode: a request of `connection` was sent to another replica
+    /// (`"out"`) or received from one (`"in"`).
+    pub fn forwarded(&self, connection: &str, direction: &'static str) {
+        self.with(connection, |m| {
+            if direction == "in" {
+                m.forwarded_in += 1
+            } else {
+                m.forwarded_out += 1
+            }
+        });
+    }
+
     /// An agent stream of `connection` ended.
     pub fn agent_disconnected(&self, connection: &str, instance: &str, reason: &str) {
         self.with(connection, |m| m.agent_disconnects += 1);
@@ -378,6 +393,22 @@ impl Observer {
                 label(c),
                 cm.protocol_violations
             );
+        }
+        let forwarded: Vec<_> = m
+            .iter()
+            .filter(|(_, cm)| cm.forwarded_in + cm.forwarded_out > 0)
+            .collect();
+        if !forwarded.is_empty() {
+            let _ = writeln!(o, "# HELP gitproxy_forwarded_requests_total Cluster mode: front-door requests sent to the replica holding the agent (out) and received from another replica (in), per connection.\n# TYPE gitproxy_forwarded_requests_total counter");
+            for (c, cm) in forwarded {
+                for (dir, n) in [("out", cm.forwarded_out), ("in", cm.forwarded_in)] {
+                    let _ = writeln!(
+                        o,
+                        "gitproxy_forwarded_requests_total{{connection=\"{}\",direction=\"{dir}\"}} {n}",
+                        label(c)
+                    );
+                }
+            }
         }
         o
     }

@@ -29,6 +29,8 @@ pub struct Listeners {
     pub agent: TcpListener,
     /// API listener.
     pub api: TcpListener,
+    /// Peer listener (cluster mode).
+    pub peer: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -40,7 +42,14 @@ impl Listeners {
         let api = TcpListener::bind(cfg.api_listen)
             .await
             .with_context(|| format!("cannot bind the api listener on {}", cfg.api_listen))?;
-        Ok(Listeners { agent, api })
+        let peer =
+            match &cfg.cluster {
+                Some(c) => Some(TcpListener::bind(c.peer_listen).await.with_context(|| {
+                    format!("cannot bind the peer listener on {}", c.peer_listen)
+                })?),
+                None => None,
+            };
+        Ok(Listeners { agent, api, peer })
     }
 }
 
@@ -185,6 +194,20 @@ pub async fn run(
         }
     });
     info!(listener = "api", addr = %api_addr, tls = api_tls.is_some(), "listening");
+    // Cluster mode: the registry mirror and the peer listener. The peer
+    // listener keeps serving while the api listener drains (other replicas
+    // may still forward requests for the agents held here) and stops after
+    // it, with what is left of the grace period.
+    let drain_started = std::time::Instant::now();
+    let cluster_tasks = match (&state.cluster, listeners.peer) {
+        (Some(cluster), Some(peer)) => Some(start_cluster(
+            &state,
+            cluster.clone(),
+            peer,
+            limits.clone(),
+        )?),
+        _ => None,
+    };
     crate::listener::api::serve(
         Acceptor::new(listeners.api, "api", limits.max_api_connections, None),
         router,
@@ -200,8 +223,20 @@ pub async fn run(
     agent_health
         .set_not_serving::<TunnelServer<TunnelService>>()
         .await;
+    // Requests other replicas forwarded here finish on the local agents
+    // with what is left of the grace period.
+    let cluster_tasks = match cluster_tasks {
+        Some(c) => Some(
+            c.drain_peers(grace.saturating_sub(drain_started.elapsed()))
+                .await,
+        ),
+        None => None,
+    };
     state.shutdown_children.cancel();
     agent_stop.cancel();
+    if let Some(c) = cluster_tasks {
+        c.deregister().await;
+    }
     match tokio::time::timeout(Duration::from_secs(5), agent_task).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => warn!("agent listener ended with an error: {e}"),
@@ -210,4 +245,91 @@ pub async fn run(
     }
     info!("gitproxy-broker stopped");
     Ok(())
+}
+
+/// The background parts of cluster mode.
+struct ClusterTasks {
+    /// Stops the peer listener (after the api drain).
+    peer_stop: CancellationToken,
+    peer: Option<tokio::task::JoinHandle<()>>,
+    /// Stops the registry mirror (it then removes this replica).
+    registry_stop: CancellationToken,
+    registry: tokio::task::JoinHandle<()>,
+}
+
+impl ClusterTasks {
+    /// Stops the peer listener and waits (at most `left`) for the requests
+    /// it is serving.
+    async fn drain_peers(mut self, left: Duration) -> Self {
+        self.peer_stop.cancel();
+        if let Some(t) = self.peer.take() {
+            if tokio::time::timeout(left, t).await.is_err() {
+                warn!("grace period over; closing remaining peer connections");
+            }
+        }
+        self
+    }
+
+    /// Removes this replica from the registry (its streams are closed).
+    async fn deregister(self) {
+        self.registry_stop.cancel();
+        let bound = crate::cluster::redis::RESPONSE_TIMEOUT + Duration::from_secs(1);
+        if tokio::time::timeout(bound, self.registry).await.is_err() {
+            warn!("the tunnel registry did not stop in time");
+        }
+    }
+}
+
+fn start_cluster(
+    state: &Arc<AppState>,
+    cluster: Arc<crate::cluster::Cluster>,
+    peer: TcpListener,
+    limits: crate::config::ListenerSettings,
+) -> anyhow::Result<ClusterTasks> {
+    use crate::cluster::peer;
+    let peer_addr = peer.local_addr()?;
+    let registry_stop = CancellationToken::new();
+    let registry = tokio::spawn(
+        cluster
+            .registry
+            .clone()
+            .run(state.registry.clone(), registry_stop.clone()),
+    );
+    tokio::spawn(
+        cluster
+            .registry
+            .clone()
+            .follow_changes(registry_stop.clone()),
+    );
+    let peer_stop = CancellationToken::new();
+    let router = peer::server::router(state.clone(), cluster.settings.peer_secret.clone());
+    let profile = crate::listener::api::Profile {
+        name: "peer",
+        stream_window: peer::STREAM_WINDOW,
+        connection_window: peer::CONNECTION_WINDOW,
+        max_streams: Some(state.config.tunnel.max_in_flight.min(u32::MAX as usize) as u32),
+    };
+    let grace = state.config.shutdown_grace;
+    let peer_task = tokio::spawn(crate::listener::api::serve_as(
+        profile,
+        Acceptor::new(peer, "peer", peer::MAX_PEER_CONNECTIONS, None),
+        router,
+        None,
+        limits,
+        peer_stop.clone(),
+        grace,
+    ));
+    info!(
+        listener = "peer",
+        addr = %peer_addr,
+        advertise = %cluster.advertise,
+        replica = %cluster.replica_id(),
+        "listening"
+    );
+    Ok(ClusterTasks {
+        peer_stop,
+        peer: Some(peer_task),
+        registry_stop,
+        registry,
+    })
 }

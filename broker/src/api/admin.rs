@@ -63,7 +63,7 @@ impl Admin for AdminService {
                             instance: a.instance,
                             version: a.version,
                             connected_since: a.connected_since,
-                            in_flight: a.in_flight as u64,
+                            in_flight: a.in_flight.unwrap_or(0) as u64,
                         })
                         .collect(),
                 }

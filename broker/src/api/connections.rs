@@ -58,12 +58,21 @@ pub struct AgentView {
     pub version: String,
     /// RFC 3339.
     pub connected_since: String,
-    /// Requests in flight.
-    pub in_flight: usize,
+    /// Requests in flight (agents held by this replica; in cluster mode
+    /// other replicas' agents show none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub in_flight: Option<usize>,
+    /// Cluster mode: the replica holding the agent's stream.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
+    /// Cluster mode: whether the stream is draining.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub draining: Option<bool>,
 }
 
-/// The view of one connection.
+/// The view of one connection (the agents held by this replica).
 pub fn view(state: &AppState, c: &Connection) -> ConnectionView {
+    let replica = state.cluster.as_ref().map(|c| c.replica_id().to_string());
     let agents: Vec<AgentView> = state
         .registry
         .sessions(&c.id)
@@ -73,7 +82,9 @@ pub fn view(state: &AppState, c: &Connection) -> ConnectionView {
             instance: s.instance.clone(),
             version: s.version.clone(),
             connected_since: humantime::format_rfc3339_seconds(s.connected_since).to_string(),
-            in_flight: s.in_flight(),
+            in_flight: Some(s.in_flight()),
+            replica: replica.clone(),
+            draining: replica.as_ref().map(|_| s.is_draining()),
         })
         .collect();
     let status = match (c.mode, agents.is_empty()) {
@@ -94,6 +105,48 @@ pub fn view(state: &AppState, c: &Connection) -> ConnectionView {
     }
 }
 
+/// Cluster mode: adds the agents other live replicas hold (from the
+/// registry) to `views`. Redis unreachable: the views keep this replica's
+/// agents only.
+pub async fn add_remote_agents(state: &AppState, views: &mut [ConnectionView]) {
+    let Some(cluster) = &state.cluster else {
+        return;
+    };
+    let ids: Vec<String> = views
+        .iter()
+        .filter(|v| v.mode == Mode::Agent.as_str())
+        .map(|v| v.id.clone())
+        .collect();
+    let remote = match cluster.registry.lookup_many(&ids).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!("connection views without other replicas' agents: {e}");
+            return;
+        }
+    };
+    for v in views.iter_mut() {
+        let Some(agents) = remote.get(&v.id) else {
+            continue;
+        };
+        for a in agents {
+            let since = humantime::parse_rfc3339_weak(&a.entry.connected_since)
+                .map(|t| humantime::format_rfc3339_seconds(t).to_string())
+                .unwrap_or_else(|_| a.entry.connected_since.clone());
+            v.agents.push(AgentView {
+                instance: a.entry.instance.clone(),
+                version: a.entry.version.clone(),
+                connected_since: since,
+                in_flight: None,
+                replica: Some(a.replica.clone()),
+                draining: Some(a.entry.draining),
+            });
+        }
+        if !v.agents.is_empty() && v.status == "disconnected" {
+            v.status = "connected";
+        }
+    }
+}
+
 /// Checks the caller's API key.
 pub fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Box<Response<Body>>> {
     let presented = headers.get("x-gitproxy-key").map(|v| v.as_bytes());
@@ -109,19 +162,25 @@ pub fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Box<Respon
 
 /// `GET /v1/connections`.
 pub async fn list(State(state): State<Arc<AppState>>) -> Response<Body> {
-    let connections: Vec<_> = state
+    let mut connections: Vec<_> = state
         .connections()
         .all()
         .iter()
         .map(|c| view(&state, c))
         .collect();
+    add_remote_agents(&state, &mut connections).await;
     Json(serde_json::json!({ "connections": connections })).into_response()
 }
 
 /// `GET /v1/connections/{id}`.
 pub async fn get_one(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response<Body> {
     match state.connections().get(&id) {
-        Some(c) => Json(view(&state, &c)).into_response(),
+        Some(c) => {
+            let mut v = [view(&state, &c)];
+            add_remote_agents(&state, &mut v).await;
+            let [v] = v;
+            Json(v).into_response()
+        }
         None => error_response(&GitproxyError::new(
             ErrorCode::UnknownConnection,
             format!("no connection named {id:?}"),

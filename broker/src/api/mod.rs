@@ -130,7 +130,11 @@ async fn metrics(State(state): State<Arc<AppState>>) -> http::Response<axum::bod
         agents,
         in_flight: state.in_flight_counts(),
     };
-    let mut r = http::Response::new(axum::body::Body::from(state.observer.render(&g)));
+    let mut text = state.observer.render(&g);
+    if let Some(c) = &state.cluster {
+        c.registry.render_metrics(&mut text);
+    }
+    let mut r = http::Response::new(axum::body::Body::from(text));
     r.headers_mut().insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

@@ -7,10 +7,19 @@
 //! Layout:
 //! - [`redis`]: the shared connection to Redis (lazy, reconnecting) and
 //!   whether it currently answers.
+//! - [`registry`]: the tunnel registry in Redis: which live replica holds
+//!   which agent streams, written from the local registry, read (cached)
+//!   when a request lands on a replica without a local agent.
+//! - [`peer`]: the authenticated channel between replicas: the peer
+//!   listener and the pooled client the front door forwards through
+//!   (routing itself: `crate::frontdoor::route`).
 
+pub mod peer;
 pub mod redis;
+pub mod registry;
 
 use crate::config::cluster::ClusterSettings;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 /// This replica's part in the cluster.
@@ -19,6 +28,13 @@ pub struct Cluster {
     pub settings: ClusterSettings,
     /// The connection to Redis.
     pub redis: redis::RedisHandle,
+    /// The tunnel registry.
+    pub registry: Arc<registry::ClusterRegistry>,
+    /// Connections to the other replicas.
+    pub peers: peer::client::PeerClient,
+    /// The address other replicas dial (the bound port when
+    /// `--peer-listen` asked for port 0).
+    pub advertise: String,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -26,16 +42,44 @@ impl std::fmt::Debug for Cluster {
         f.debug_struct("Cluster")
             .field("replica_id", &self.settings.replica_id)
             .field("redis", &self.settings.redis_url.as_str())
+            .field("advertise", &self.advertise)
             .finish_non_exhaustive()
     }
 }
 
+/// The address to advertise: `--peer-advertise` (default `--peer-listen`),
+/// with the bound port when it says port 0.
+pub fn advertised(settings: &ClusterSettings, bound: SocketAddr) -> String {
+    match settings.peer_advertise.rsplit_once(':') {
+        Some((host, "0")) => format!("{host}:{}", bound.port()),
+        _ => settings.peer_advertise.clone(),
+    }
+}
+
 impl Cluster {
-    /// Sets up the cluster part of a replica. Redis is connected lazily: a
-    /// replica starts (and serves its own agents) while Redis is down.
-    pub fn new(settings: ClusterSettings, extra_ca_pem: &[u8]) -> anyhow::Result<Arc<Cluster>> {
+    /// Sets up the cluster part of a replica whose peer listener is bound
+    /// at `peer_bound`. Redis is connected lazily: a replica starts (and
+    /// serves its own agents) while Redis is down.
+    pub fn new(
+        settings: ClusterSettings,
+        extra_ca_pem: &[u8],
+        peer_bound: SocketAddr,
+    ) -> anyhow::Result<Arc<Cluster>> {
         let redis = redis::RedisHandle::new(&settings, extra_ca_pem)?;
-        Ok(Arc::new(Cluster { settings, redis }))
+        let advertise = advertised(&settings, peer_bound);
+        let registry = Arc::new(registry::ClusterRegistry::new(
+            redis.clone(),
+            &settings.replica_id,
+            &advertise,
+        ));
+        let peers = peer::client::PeerClient::new(&settings.peer_secret, &settings.replica_id)?;
+        Ok(Arc::new(Cluster {
+            settings,
+            redis,
+            registry,
+            peers,
+            advertise,
+        }))
     }
 
     /// This replica's id in the registry.

@@ -149,6 +149,10 @@ pub struct ServeArgs {
     /// name and a random suffix).
     #[arg(long, env = "GITPROXY_REPLICA_ID")]
     pub replica_id: Option<String>,
+    /// Cluster mode: answer every front-door request with
+    /// `X-Gitproxy-Replica` naming the replica that served it (debugging).
+    #[arg(long, env = "GITPROXY_REPLICA_HEADER")]
+    pub replica_header: bool,
     /// Per-request receive window in bytes (memory bound per response body).
     #[arg(long, env = "GITPROXY_WINDOW_BYTES", default_value_t = gitproxy_shared::tunnel::FlowSettings::default().window_bytes, hide = true)]
     pub window_bytes: u32,

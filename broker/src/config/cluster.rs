@@ -28,6 +28,9 @@ pub struct ClusterSettings {
     pub store_key: Secret,
     /// This replica's name in the registry (unique per process start).
     pub replica_id: String,
+    /// Whether front-door answers name the replica that served them
+    /// (`X-Gitproxy-Replica`).
+    pub replica_header: bool,
 }
 
 /// What the command line says about cluster mode.
@@ -47,6 +50,8 @@ pub struct ClusterArgs {
     pub store_key_file: Option<PathBuf>,
     /// `--replica-id`.
     pub replica_id: Option<String>,
+    /// `--replica-header`.
+    pub replica_header: bool,
 }
 
 fn read_secret_file(path: &Path, what: &str) -> anyhow::Result<String> {
@@ -190,6 +195,7 @@ impl ClusterSettings {
             peer_secret: Secret::new(peer_secret),
             store_key: Secret::new(hex::encode(store_key)),
             replica_id,
+            replica_header: a.replica_header,
         }))
     }
 

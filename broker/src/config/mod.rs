@@ -179,6 +179,7 @@ impl BrokerConfig {
             peer_secret_file: a.peer_secret_file.clone(),
             store_key_file: a.store_key_file.clone(),
             replica_id: a.replica_id.clone(),
+            replica_header: a.replica_header,
         })?;
         if a.heartbeat_timeout < a.heartbeat_interval * 2 {
             bail!("--heartbeat-timeout must be at least twice --heartbeat-interval");

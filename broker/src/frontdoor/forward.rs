@@ -19,7 +19,7 @@ use http_body::Body as _;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-fn content_length(h: &HeaderMap) -> Option<u64> {
+pub(super) fn content_length(h: &HeaderMap) -> Option<u64> {
     h.get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse().ok())
@@ -65,7 +65,7 @@ fn answer_headers(wire: &[Header], rw: &Rewriter) -> Result<HeaderMap, GitproxyE
     Ok(map)
 }
 
-fn respond<B>(
+pub(super) fn respond<B>(
     status: u16,
     hdrs: HeaderMap,
     body: B,
@@ -82,7 +82,7 @@ where
     r
 }
 
-fn is_idempotent(m: &Method) -> bool {
+pub(super) fn is_idempotent(m: &Method) -> bool {
     matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS)
 }
 

@@ -6,6 +6,8 @@
 //! - [`rewrite`]: `Link`/`Location` headers from GitLab's URL to the front door.
 //! - [`origin`]: the front-door base URL callers see (public URL, trusted proxies).
 //! - [`forward`]: delivery, through an agent or directly, streaming both ways.
+//! - [`route`]: cluster mode: a local agent, or the replica holding one;
+//!   [`remote`]: forwarding a request to that replica.
 //! - [`body`]: bodies that count bytes, log the request line and hold the
 //!   request's guards until the answer is fully sent.
 //! - [`respond`]: gitproxy's own error answers.
@@ -15,8 +17,10 @@ pub mod credentials;
 pub mod forward;
 pub mod internal;
 pub mod origin;
+pub mod remote;
 pub mod respond;
 pub mod rewrite;
+pub mod route;
 pub mod target;
 
 use crate::config::Mode;
@@ -30,10 +34,20 @@ use std::sync::Arc;
 
 /// Handles one front-door request.
 pub async fn handle(State(state): State<Arc<AppState>>, req: Request<Body>) -> Response<Body> {
-    match serve(&state, req, false).await {
+    let mut r = match serve(&state, req, false).await {
         Ok(r) => r,
         Err(e) => error_response(&e),
+    };
+    // Cluster mode, `--replica-header`: which replica served (a forwarded
+    // answer already names the replica that held the agent).
+    if let Some(c) = state.cluster.as_ref().filter(|c| c.settings.replica_header) {
+        if let Ok(v) = http::HeaderValue::from_str(c.replica_id()) {
+            r.headers_mut()
+                .entry(crate::cluster::peer::REPLICA_HEADER)
+                .or_insert(v);
+        }
     }
+    r
 }
 
 /// What is known of a request when gitproxy answers it with an error.
@@ -86,8 +100,11 @@ async fn forward_request(
     seen: &mut Seen,
 ) -> Result<Response<Body>, GitproxyError> {
     let conns = state.connections();
+    // A request another replica forwarded: that replica checked the
+    // caller's key (the peer listener checked the replica's secret).
+    let from_peer = req.extensions().get::<origin::FromPeer>().cloned();
     let presented = req.headers().get("x-gitproxy-key").map(|v| v.as_bytes());
-    if !internal && !conns.api_key_ok(presented) {
+    if !internal && from_peer.is_none() && !conns.api_key_ok(presented) {
         return Err(GitproxyError::new(
             ErrorCode::Unauthorized,
             if presented.is_some() {
@@ -109,6 +126,9 @@ async fn forward_request(
         .observer
         .request_started(&conn.id, req.method().as_str(), &seen.path);
     seen.connection = Some(conn.id.clone());
+    if from_peer.is_some() {
+        state.observer.forwarded(&conn.id, "in");
+    }
     if let Err(reason) = state.config.policy.check(req.method().as_str(), &t.target) {
         tracing::warn!(connection = %conn.id, method = %req.method(), path = %t.path_only(), error = "blocked_by_policy", "refused by the broker's policy: {reason}");
         return Err(GitproxyError::new(
@@ -129,7 +149,16 @@ async fn forward_request(
         req.extensions_mut().insert(origin::InternalRequest);
     }
     let (mut parts, req_body) = req.into_parts();
-    let base = origin::front_base(state, &conn.id, &parts);
+    let base = match &from_peer {
+        Some(p) if p.base.ends_with(&format!("/gitlab/{}", conn.id)) => p.base.clone(),
+        Some(_) => {
+            return Err(GitproxyError::new(
+                ErrorCode::BadRequest,
+                "the forwarding replica named the front-door base of another connection",
+            ))
+        }
+        None => origin::front_base(state, &conn.id, &parts),
+    };
     parts.extensions.insert(origin::FrontBase(base));
     let req = Request::from_parts(parts, req_body);
     let obs = body::Obs {
@@ -138,7 +167,14 @@ async fn forward_request(
         started,
     };
     match conn.mode {
-        Mode::Agent => forward::via_agent(state, &conn, t, req, slot, obs).await,
+        // Cluster mode: the agent may be held by another replica; a request
+        // forwarded here is served here.
+        Mode::Agent => match (&state.cluster, &from_peer) {
+            (Some(cluster), None) => {
+                route::via_cluster(state, cluster, &conn, t, req, slot, obs).await
+            }
+            _ => forward::via_agent(state, &conn, t, req, slot, obs).await,
+        },
         Mode::Direct => forward::direct(state, &conn, t, req, slot, obs).await,
     }
 }

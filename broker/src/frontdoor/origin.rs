@@ -25,6 +25,18 @@ pub struct PeerAddr(pub SocketAddr);
 #[derive(Debug, Clone, Copy)]
 pub struct InternalRequest;
 
+/// Marks a request another replica forwarded (cluster mode), trusted only
+/// because the peer listener checked the shared secret: it is served by this
+/// replica's agents, never forwarded again, and answered with the
+/// front-door base the forwarding replica computed for its caller.
+#[derive(Debug, Clone)]
+pub struct FromPeer {
+    /// The forwarding replica's id.
+    pub replica: String,
+    /// The front-door base the caller sees (`http://host:port/gitlab/{id}`).
+    pub base: String,
+}
+
 /// The front-door base of a request, computed once when it arrives.
 #[derive(Debug, Clone)]
 pub struct FrontBase(pub String);

@@ -46,7 +46,32 @@ pub const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// take the last bytes (HTTP/2 GOAWAY) before the socket is closed anyway.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
+/// What tells one HTTP listener from another (the api listener and the
+/// peer listener share this code).
+#[derive(Debug, Clone, Copy)]
+pub struct Profile {
+    /// Name in log lines (`listener = ...`).
+    pub name: &'static str,
+    /// HTTP/2 stream window.
+    pub stream_window: u32,
+    /// HTTP/2 connection window.
+    pub connection_window: u32,
+    /// Concurrent HTTP/2 streams per connection (`None`: hyper's 200).
+    pub max_streams: Option<u32>,
+}
+
+impl Profile {
+    /// The api listener.
+    pub const API: Profile = Profile {
+        name: "api",
+        stream_window: 4 * 1024 * 1024,
+        connection_window: 8 * 1024 * 1024,
+        max_streams: None,
+    };
+}
+
 struct Shared {
+    name: &'static str,
     router: axum::Router,
     tls: Option<TlsAcceptor>,
     settings: ListenerSettings,
@@ -57,6 +82,29 @@ struct Shared {
 /// Serves the api listener until `shutdown`, then drains its connections
 /// for at most `grace`.
 pub async fn serve(
+    acceptor: Acceptor,
+    router: axum::Router,
+    tls: Option<TlsAcceptor>,
+    settings: ListenerSettings,
+    shutdown: CancellationToken,
+    grace: Duration,
+) {
+    serve_as(
+        Profile::API,
+        acceptor,
+        router,
+        tls,
+        settings,
+        shutdown,
+        grace,
+    )
+    .await
+}
+
+/// Serves an HTTP listener described by `profile` until `shutdown`, then
+/// drains its connections for at most `grace`.
+pub async fn serve_as(
+    profile: Profile,
     mut acceptor: Acceptor,
     router: axum::Router,
     tls: Option<TlsAcceptor>,
@@ -71,13 +119,15 @@ pub async fn serve(
     h1.keep_alive(true).header_read_timeout(None);
     let mut h2 = http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
-        .initial_stream_window_size(4 * 1024 * 1024)
-        .initial_connection_window_size(8 * 1024 * 1024)
+        .initial_stream_window_size(profile.stream_window)
+        .initial_connection_window_size(profile.connection_window)
+        .max_concurrent_streams(profile.max_streams.or(Some(200)))
         .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
         .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
         // The same head limit as over HTTP/1.1.
         .max_header_list_size(MAX_HEADER_BYTES as u32);
     let shared = Arc::new(Shared {
+        name: profile.name,
         router,
         tls,
         settings,
@@ -91,13 +141,15 @@ pub async fn serve(
     // Closes the listening socket: new clients are refused from now on.
     drop(acceptor);
     tracker.close();
+    let name = profile.name;
     info!(
+        listener = name,
         grace_s = grace.as_secs(),
-        "api listener closed; waiting for in-flight requests"
+        "{name} listener closed; waiting for in-flight requests"
     );
     tokio::select! {
-        _ = tracker.wait() => info!("all api connections finished"),
-        _ = tokio::time::sleep(grace) => warn!("grace period over; closing remaining api connections"),
+        _ = tracker.wait() => info!(listener = name, "all {name} connections finished"),
+        _ = tokio::time::sleep(grace) => warn!(listener = name, "grace period over; closing remaining {name} connections"),
     }
 }
 
@@ -112,7 +164,7 @@ async fn serve_connection(shared: Arc<Shared>, accepted: Accepted, shutdown: Can
     let (protocol, io) = match handshake(stream, shared.tls.as_ref(), deadline).await {
         Ok(x) => x,
         Err(e) => {
-            debug!(listener = "api", peer = %peer, "connection closed before its first request: {e}");
+            debug!(listener = shared.name, peer = %peer, "connection closed before its first request: {e}");
             return;
         }
     };
@@ -143,19 +195,38 @@ async fn serve_connection(shared: Arc<Shared>, accepted: Accepted, shutdown: Can
     match protocol {
         Protocol::Http1 => {
             let io = TokioIo::new(Tracked::new(io, watch.clone()));
-            drive(shared.h1.serve_connection(io, svc), &watch, peer, &shutdown).await;
+            drive(
+                shared.h1.serve_connection(io, svc),
+                &watch,
+                shared.name,
+                peer,
+                &shutdown,
+            )
+            .await;
         }
         Protocol::Http2 => {
             let io = TokioIo::new(io);
-            drive(shared.h2.serve_connection(io, svc), &watch, peer, &shutdown).await;
+            drive(
+                shared.h2.serve_connection(io, svc),
+                &watch,
+                shared.name,
+                peer,
+                &shutdown,
+            )
+            .await;
         }
     }
 }
 
 /// Runs one HTTP connection to its end: closed by the client, idle, an
 /// incomplete head, or the broker's shutdown.
-async fn drive<C>(conn: C, watch: &ConnWatch, peer: SocketAddr, shutdown: &CancellationToken)
-where
+async fn drive<C>(
+    conn: C,
+    watch: &ConnWatch,
+    name: &'static str,
+    peer: SocketAddr,
+    shutdown: &CancellationToken,
+) where
     C: GracefulConnection,
     C::Error: std::fmt::Display,
 {
@@ -168,17 +239,17 @@ where
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
-                    debug!(listener = "api", peer = %peer, "api connection ended: {e}");
+                    debug!(listener = name, peer = %peer, "api connection ended: {e}");
                 }
                 return;
             }
             why = &mut expired, if closing_since.is_none() => match why {
                 Expiry::HeadTimeout => {
-                    debug!(listener = "api", peer = %peer, "request head not complete within the header-read timeout; closing");
+                    debug!(listener = name, peer = %peer, "request head not complete within the header-read timeout; closing");
                     return;
                 }
                 Expiry::Idle => {
-                    debug!(listener = "api", peer = %peer, "idle; closing");
+                    debug!(listener = name, peer = %peer, "idle; closing");
                     conn.as_mut().graceful_shutdown();
                     closing_since = Some(Instant::now());
                 }
@@ -189,7 +260,7 @@ where
             }
             _ = sleep_until_opt(force_at), if force_at.is_some() => {
                 if watch.in_flight() == 0 {
-                    debug!(listener = "api", peer = %peer, "idle connection did not close; closing the socket");
+                    debug!(listener = name, peer = %peer, "idle connection did not close; closing the socket");
                     return;
                 }
                 // A request slipped in before the GOAWAY: let it finish.

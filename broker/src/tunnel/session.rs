@@ -15,7 +15,7 @@
 //! abort), a drop guard removes the session from the registry and fails
 //! its pending requests, so a dead session is never picked again.
 
-use super::registry::Registry;
+use super::registry::{Changes, Registry};
 use crate::observe::Observer;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -34,7 +34,7 @@ use http_body_util::BodyExt;
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -93,10 +93,15 @@ const AGENT_CODES: [ErrorCode; 8] = [
     ErrorCode::Internal,
 ];
 
+/// Numbers the sessions of this process (names them in the cluster registry).
+static SESSION_NO: AtomicU64 = AtomicU64::new(0);
+
 /// One connected agent.
 pub struct AgentSession {
     /// Connection served.
     pub conn_id: String,
+    /// This session's number in this process (1, 2, ...).
+    pub session_no: u64,
     /// Agent instance name (sanitised, bounded).
     pub instance: String,
     /// Agent version (sanitised, bounded).
@@ -115,6 +120,8 @@ pub struct AgentSession {
     closed: CancellationToken,
     violations: Violations,
     observer: Arc<Observer>,
+    /// Where a drain is reported (the registry's change feed).
+    changes: OnceLock<Arc<Changes>>,
 }
 
 impl std::fmt::Debug for AgentSession {
@@ -160,6 +167,7 @@ impl AgentSession {
     ) -> Arc<Self> {
         Arc::new(AgentSession {
             conn_id,
+            session_no: SESSION_NO.fetch_add(1, Ordering::Relaxed) + 1,
             instance: agent.instance,
             version: agent.version,
             holds_token: agent.holds_token,
@@ -174,7 +182,20 @@ impl AgentSession {
             closed,
             violations: Violations::new("agent"),
             observer,
+            changes: OnceLock::new(),
         })
+    }
+
+    /// Reports later state changes (drain) to `changes` (set once, by the
+    /// registry that holds this session).
+    pub(crate) fn report_changes_to(&self, changes: Arc<Changes>) {
+        let _ = self.changes.set(changes);
+    }
+
+    fn changed(&self) {
+        if let Some(c) = self.changes.get() {
+            c.mark(&self.conn_id);
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Pending>> {
@@ -206,6 +227,7 @@ impl AgentSession {
         if self.draining.swap(true, Ordering::SeqCst) {
             return;
         }
+        self.changed();
         info!(connection = %self.conn_id, instance = %self.instance, in_flight = self.in_flight(), reason, "asking the agent to drain");
         let msg = BrokerMessage {
             msg: Some(Out::Drain(Drain {
@@ -553,7 +575,9 @@ impl AgentSession {
             }
             Some(In::Pong(_)) => ControlFlow::Continue(()),
             Some(In::Drain(d)) => {
-                self.draining.store(true, Ordering::SeqCst);
+                if !self.draining.swap(true, Ordering::SeqCst) {
+                    self.changed();
+                }
                 let reason = sanitize::text(&d.reason, sanitize::MAX_REASON_BYTES);
                 info!(connection = %self.conn_id, instance = %self.instance, reason = %reason, "the agent is draining");
                 ControlFlow::Continue(())

@@ -1,0 +1,59 @@
+//! The channel between replicas: a replica holding no agent of a connection
+//! forwards the front-door request to a replica that holds one.
+//!
+//! - [`server`]: the peer listener (`--peer-listen`): HTTP/2 (h2c; HTTP/1.1
+//!   is understood too) behind the same accept loop, caps and timeouts as
+//!   the api listener. Every request must carry the shared secret
+//!   ([`AUTH_HEADER`], `GITPROXY_PEER_SECRET_FILE`, compared in constant
+//!   time); anything else is answered 401 and logged, rate-limited. It
+//!   serves only `/gitlab/{connection}/...` of this broker's own
+//!   connections, **locally**: a forwarded request is never forwarded again.
+//! - [`client`]: one pooled HTTP/2 connection per peer address.
+//! - [`replay`]: a request body whose first bytes are kept, so a request a
+//!   peer refused before using it (`agent_not_connected`) can go elsewhere.
+//!
+//! What the forwarder sends besides the caller's request, trusted by the
+//! receiver only after the secret matched: the front-door base it computed
+//! ([`BASE_HEADER`], so `Link`/`Location` name the replica the caller
+//! asked) and its replica id ([`FROM_HEADER`], for logs). All three are
+//! `X-Gitproxy-*` headers, which never travel to an agent or to GitLab;
+//! the caller's own `X-Gitproxy-*` headers are dropped before forwarding.
+
+pub mod client;
+pub mod replay;
+pub mod server;
+
+use std::time::Duration;
+
+/// The shared secret.
+pub const AUTH_HEADER: &str = "x-gitproxy-peer-auth";
+/// The front-door base the forwarding replica computed for the caller.
+pub const BASE_HEADER: &str = "x-gitproxy-peer-base";
+/// The forwarding replica's id.
+pub const FROM_HEADER: &str = "x-gitproxy-peer-from";
+/// Optional debug response header naming the replica that served a
+/// front-door request (`--replica-header`).
+pub const REPLICA_HEADER: &str = "x-gitproxy-replica";
+
+/// Most open connections on the peer listener (replicas keep one each).
+pub const MAX_PEER_CONNECTIONS: usize = 1024;
+/// HTTP/2 stream window, both directions: one bulk transfer is not capped
+/// by the 64 KiB default.
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+/// HTTP/2 connection window (all requests between two replicas share one
+/// connection).
+pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// Limit on dialling a peer (TCP and the HTTP/2 handshake).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// After a failed dial, requests fail at once for this long instead of
+/// each waiting for the connect timeout.
+pub const REDIAL_AFTER: Duration = Duration::from_secs(1);
+/// HTTP/2 pings on peer connections (a frozen replica is noticed within
+/// interval + timeout while requests run).
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a ping may go unanswered.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Request body bytes kept for a second attempt elsewhere.
+pub const REPLAY_BYTES: usize = 64 * 1024;
+/// Largest error body read from a peer's gitproxy error answer.
+pub const MAX_ERROR_BODY: usize = 64 * 1024;
