@@ -13,6 +13,7 @@ use gitproxy_proto::v1::{
     agent_message::Msg as Out, broker_message::Msg as In, AgentMessage, Hello,
 };
 use gitproxy_shared::errors::ErrorCode;
+use gitproxy_shared::gitlab_probe;
 use gitproxy_shared::sanitize;
 use gitproxy_shared::tunnel::outbound::{Control, ControlFrame, Outbound};
 use gitproxy_shared::upstream::{Upstream, UpstreamConfig};
@@ -180,16 +181,36 @@ pub async fn run(cfg: &AgentConfig) -> ExitCode {
     let probe = upstream
         .send(Method::GET, "/api/v4/version", headers.clone(), None)
         .await;
-    match probe {
+    let probe = match probe {
         Ok(resp) => {
+            let status = resp.status().as_u16();
+            Ok((status, head_of_body(resp).await))
+        }
+        Err(e) => Err(e),
+    };
+    match probe {
+        Ok((status, body)) if !gitlab_probe::is_gitlab_version_answer(status, &body) => {
+            r.line(
+                Status::Fail,
+                "GitLab reachable",
+                &format!(
+                    "{} ({route}) answered {}",
+                    upstream.base(),
+                    gitlab_probe::describe(status, &body)
+                ),
+                gitlab_probe::NOT_GITLAB_HINT,
+            );
+            r.skip_rest(
+                &["GitLab TLS trusted", "token valid"],
+                "GitLab not reachable",
+            );
+            return exit(r);
+        }
+        Ok((status, _)) => {
             r.line(
                 Status::Ok,
                 "GitLab reachable",
-                &format!(
-                    "{} ({route}): HTTP {}",
-                    upstream.base(),
-                    resp.status().as_u16()
-                ),
+                &format!("{} ({route}): HTTP {status}", upstream.base()),
                 "",
             );
             if tls_applies {
@@ -483,4 +504,19 @@ fn exit(r: Report) -> ExitCode {
         println!("\nall checks passed");
         ExitCode::SUCCESS
     }
+}
+
+/// The first 64 KiB of a probe's body (GitLab's `/version` answer is tiny;
+/// whatever else answers is not read further). A body cut by an error is
+/// what arrived so far.
+async fn head_of_body(mut resp: reqwest::Response) -> Vec<u8> {
+    const MAX: usize = 64 * 1024;
+    let mut out = Vec::new();
+    while out.len() < MAX {
+        match resp.chunk().await {
+            Ok(Some(c)) => out.extend_from_slice(&c[..c.len().min(MAX - out.len())]),
+            _ => break,
+        }
+    }
+    out
 }

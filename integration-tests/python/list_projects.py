@@ -1,7 +1,7 @@
 """Lists every project the token is a member of with Developer role or above,
 through a gitproxy front door, with python-gitlab (the stock GitLab client).
 
-usage: list_projects.py BASE_URL {offset|keyset}
+usage: list_projects.py BASE_URL {offset|keyset} [PER_PAGE]
 The token comes from GITLAB_TOKEN. Prints one JSON object on stdout:
 {"username": ..., "ids": [...]}.
 
@@ -21,6 +21,7 @@ import gitlab
 warnings.simplefilter("error")
 
 base, style = sys.argv[1], sys.argv[2]
+per_page = int(sys.argv[3]) if len(sys.argv) > 3 else 100
 token = os.environ["GITLAB_TOKEN"]
 
 # auth() compares the user's `web_url` (a body field, which gitproxy never
@@ -32,7 +33,7 @@ gl_auth.auth()
 username = gl_auth.user.username
 
 gl = gitlab.Gitlab(base, private_token=token)
-kwargs = dict(get_all=True, membership=True, min_access_level=30, per_page=100)
+kwargs = dict(get_all=True, membership=True, min_access_level=30, per_page=per_page)
 if style == "keyset":
     kwargs.update(pagination="keyset", order_by="id", sort="asc")
 elif style != "offset":

@@ -31,6 +31,7 @@
 
 pub mod credentials;
 pub mod errors;
+pub mod gitlab_probe;
 pub mod gitlab_url;
 pub mod headers;
 pub mod idle;

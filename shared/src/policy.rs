@@ -2,7 +2,9 @@
 //!
 //! Only requests for GitLab's REST API (`/api/v4/...`, `/api/graphql`) and git
 //! smart HTTP (`/<project>.git/info/refs`, `git-upload-pack`,
-//! `git-receive-pack`, plus git LFS under `.git/info/lfs/`) may travel, in
+//! `git-receive-pack`, plus git LFS under `.git/info/lfs/`; the `.git`-less
+//! handshake `GET /<project>/info/refs`, which GitLab redirects to the `.git`
+//! path so that a clone URL copied from its UI works) may travel, in
 //! origin form, relative to the GitLab base URL, with a method GitLab serves.
 //! The agent enforces it on every request; the broker runs the same check
 //! before a request travels, and the GitLab client once more on the final
@@ -84,7 +86,12 @@ impl Policy {
         if decoded.split('/').any(|seg| seg == ".." || seg == ".") {
             return Err("the path contains '.' or '..' segments".into());
         }
-        if self.allowed_path(path) {
+        let query = target.split_once('?').map(|(_, q)| q).unwrap_or("");
+        if self.allowed_path(path)
+            || (self.allow_git
+                && (method == "GET" || method == "HEAD")
+                && is_gitless_handshake(path, query))
+        {
             Ok(())
         } else {
             Err(format!(
@@ -123,6 +130,27 @@ fn is_git_path(path: &str) -> bool {
         rest,
         "/info/refs" | "/git-upload-pack" | "/git-receive-pack"
     ) || rest.starts_with("/info/lfs/")
+}
+
+/// `/<namespace>/<project>/info/refs` with no query or exactly
+/// `service=git-upload-pack|git-receive-pack`: the one `.git`-less git
+/// request GitLab answers (with a redirect to the `.git` path; its routes in
+/// `config/routes/git_http.rb` allow nothing else).
+fn is_gitless_handshake(path: &str, query: &str) -> bool {
+    let Some(project) = path.strip_suffix("/info/refs") else {
+        return false;
+    };
+    let Some(project) = project.strip_prefix('/') else {
+        return false;
+    };
+    let segments: Vec<&str> = project.split('/').collect();
+    segments.len() >= 2
+        && segments.iter().all(|s| !s.is_empty())
+        && !project.ends_with(".git")
+        && matches!(
+            query,
+            "" | "service=git-upload-pack" | "service=git-receive-pack"
+        )
 }
 
 fn truncate(s: &str, n: usize) -> &str {
@@ -189,6 +217,37 @@ mod tests {
             let e = Policy::default().check(m, "/api/v4/projects").unwrap_err();
             assert!(e.contains("method"), "{m}: {e}");
         }
+    }
+
+    #[test]
+    fn gitless_clone_handshake_only() {
+        assert!(ok(
+            "GET",
+            "/group/project/info/refs?service=git-upload-pack"
+        ));
+        assert!(ok(
+            "GET",
+            "/group/sub/project/info/refs?service=git-receive-pack"
+        ));
+        assert!(ok("GET", "/group/project/info/refs"));
+        // Only the handshake, only the two services, only reads.
+        assert!(!ok(
+            "POST",
+            "/group/project/info/refs?service=git-upload-pack"
+        ));
+        assert!(!ok(
+            "GET",
+            "/group/project/info/refs?service=git-upload-archive"
+        ));
+        assert!(!ok(
+            "GET",
+            "/group/project/info/refs?service=git-upload-pack&x=1"
+        ));
+        assert!(!ok("POST", "/group/project/git-upload-pack"));
+        assert!(!ok("POST", "/group/project/git-receive-pack"));
+        assert!(!ok("GET", "/project/info/refs?service=git-upload-pack"));
+        assert!(!ok("GET", "/group//info/refs?service=git-upload-pack"));
+        assert!(!ok("GET", "/group/../info/refs?service=git-upload-pack"));
     }
 
     #[test]

@@ -17,6 +17,7 @@ use axum::extract::{Path, State};
 use axum::response::IntoResponse;
 use axum::Json;
 use gitproxy_shared::errors::{ErrorCode, GitproxyError};
+use gitproxy_shared::gitlab_probe;
 use http::{Method, Response};
 use serde::Serialize;
 use std::sync::Arc;
@@ -184,6 +185,18 @@ pub async fn run(state: &Arc<AppState>, conn: &Arc<Connection>) -> Report {
     let https = conn.gitlab_url.scheme() == "https";
     let version = internal::call(state, id, Method::GET, "/api/v4/version", None).await;
     match &version {
+        Ok(a) if !gitlab_probe::is_gitlab_version_answer(a.status, &a.body) => {
+            r.push(fail(
+                "gitlab_reachable",
+                format!(
+                    "{} answered {}",
+                    conn.gitlab_url,
+                    gitlab_probe::describe(a.status, &a.body)
+                ),
+                gitlab_probe::NOT_GITLAB_HINT,
+            ));
+            return r.skip_rest("needs GitLab to be reachable");
+        }
         Ok(a) => {
             let v = a.json();
             let detail = match v.get("version").and_then(|v| v.as_str()) {

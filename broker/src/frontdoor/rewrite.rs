@@ -3,11 +3,54 @@
 //! the front-door base, so clients that follow them keep going through the
 //! broker; other origins (object storage redirects) are left alone. Bodies
 //! are never rewritten.
+//!
+//! "Naming the connection's GitLab" means: the host of `gitlab_url` or
+//! `external_url`, with **any scheme and port**, and a path under that URL's
+//! path (GitLab's relative URL root). GitLab builds `Link` from the request's
+//! scheme and path but `gitlab.yml`'s host and port, so an agent speaking
+//! http to an in-cluster service gets `http://gitlab.corp:443/...` back; that
+//! is still the connection's GitLab. A URL with userinfo is never ours.
 
-/// Rewrites URLs starting with any of `origins` to `front`.
+use url::Url;
+
+/// One GitLab base: its host (as the URL parser normalises it) and its path
+/// prefix (`""` or `/gitlab`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Origin {
+    host: String,
+    path: String,
+}
+
+impl Origin {
+    fn parse(base: &str) -> Option<Origin> {
+        let u = Url::parse(base).ok()?;
+        Some(Origin {
+            host: u.host_str()?.to_string(),
+            path: u.path().trim_end_matches('/').to_string(),
+        })
+    }
+}
+
+/// Splits `scheme://authority<tail>` into the parsed authority's host and
+/// the raw tail (path, query, fragment: kept byte-exact).
+fn split(url: &str) -> Option<(String, &str)> {
+    let (scheme, rest) = url.split_once("://")?;
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+        return None;
+    }
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    if authority.contains(['@', '\\']) {
+        return None;
+    }
+    let u = Url::parse(&format!("{scheme}://{authority}/")).ok()?;
+    Some((u.host_str()?.to_string(), tail))
+}
+
+/// Rewrites URLs naming any of `origins` to `front`.
 #[derive(Debug, Clone)]
 pub struct Rewriter {
-    origins: Vec<String>,
+    origins: Vec<Origin>,
     front: String,
 }
 
@@ -15,13 +58,12 @@ impl Rewriter {
     /// `origins` are GitLab base URLs (with any path prefix); `front` is the
     /// front-door base, e.g. `http://broker:8080/gitlab/acme`.
     pub fn new(origins: impl IntoIterator<Item = String>, front: String) -> Self {
-        let mut origins: Vec<String> = origins
+        let mut origins: Vec<Origin> = origins
             .into_iter()
-            .map(|o| o.trim_end_matches('/').to_string())
-            .filter(|o| !o.is_empty())
+            .filter_map(|o| Origin::parse(&o))
             .collect();
-        // Longest first, so a base with a path prefix wins over its origin.
-        origins.sort_by_key(|o| std::cmp::Reverse(o.len()));
+        // Longest path first, so a base with a path prefix wins over its host.
+        origins.sort_by_key(|o| std::cmp::Reverse(o.path.len()));
         origins.dedup();
         Rewriter {
             origins,
@@ -30,9 +72,13 @@ impl Rewriter {
     }
 
     fn rewrite_url(&self, url: &str) -> Option<String> {
+        let (host, tail) = split(url)?;
         for o in &self.origins {
-            if let Some(rest) = url.strip_prefix(o.as_str()) {
-                if rest.is_empty() || rest.starts_with('/') || rest.starts_with('?') {
+            if o.host != host {
+                continue;
+            }
+            if let Some(rest) = tail.strip_prefix(o.path.as_str()) {
+                if rest.is_empty() || rest.starts_with(['/', '?', '#']) {
                     return Some(format!("{}{rest}", self.front));
                 }
             }
@@ -103,6 +149,30 @@ mod tests {
             .location("https://gitlab.acme.internal.evil.com/x")
             .is_none());
         assert!(rw().location("https://storage.acme.com/bucket/x").is_none());
+        assert!(rw().location("https://user@git.acme.com/x").is_none());
+    }
+
+    #[test]
+    fn any_scheme_and_port_of_the_host_under_the_base_path() {
+        let rw = Rewriter::new(
+            ["http://gitlab.corp/gitlab".to_string()],
+            "http://broker:8080/gitlab/acme".into(),
+        );
+        // GitLab's gitlab.yml host and port, the request's scheme.
+        assert_eq!(
+            rw.link(r#"<http://gitlab.corp:443/gitlab/api/v4/projects?page=2>; rel="next""#)
+                .unwrap(),
+            r#"<http://broker:8080/gitlab/acme/api/v4/projects?page=2>; rel="next""#
+        );
+        assert_eq!(
+            rw.location("HTTPS://GitLab.Corp/gitlab/g/p.git/info/refs?service=git-upload-pack")
+                .unwrap(),
+            "http://broker:8080/gitlab/acme/g/p.git/info/refs?service=git-upload-pack"
+        );
+        // Same host, outside the relative URL root: not GitLab's.
+        assert!(rw.location("http://gitlab.corp/other/x").is_none());
+        assert!(rw.location("http://gitlab.corp/gitlabx/x").is_none());
+        assert!(rw.location("ftp://gitlab.corp/gitlab/x").is_none());
     }
 
     mod props {
@@ -135,19 +205,34 @@ mod tests {
             prop_oneof![
                 "\\.evil\\.com(/[a-z]{0,8})?",
                 "@evil\\.com/[a-z]{0,8}",
-                ":[0-9]{1,5}/[a-z]{0,8}",
                 "[a-z0-9-]{1,8}/x",
                 "%2e[a-z]{1,8}",
             ]
+        }
+
+        /// The same GitLab named with another scheme and port, as GitLab
+        /// does when gitlab.yml's port differs from the one the agent used.
+        fn same_gitlab(o: &str, scheme: &str, port: u16) -> String {
+            let u = Url::parse(o).unwrap();
+            let path = u.path().trim_end_matches('/');
+            format!("{scheme}://{}:{port}{path}", u.host_str().unwrap())
         }
 
         proptest! {
             /// URLs under a GitLab origin move to the front door with their
             /// tail byte-exact; anything else stays.
             #[test]
-            fn prop_rewrites_exactly_gitlab_urls(o in origin(), t in tail(), c in confusable()) {
+            fn prop_rewrites_exactly_gitlab_urls(
+                o in origin(),
+                t in tail(),
+                c in confusable(),
+                scheme in prop::sample::select(vec!["http", "https"]),
+                port in 1u16..,
+            ) {
                 let rw = Rewriter::new([o.clone()], FRONT.to_string());
                 prop_assert_eq!(rw.location(&format!("{o}{t}")), Some(format!("{FRONT}{t}")));
+                let other = same_gitlab(&o, scheme, port);
+                prop_assert_eq!(rw.location(&format!("{other}{t}")), Some(format!("{FRONT}{t}")));
                 prop_assert_eq!(rw.location(&format!("{o}{c}")), None);
                 prop_assert_eq!(rw.location(&format!("https://storage.example{t}")), None);
             }

@@ -21,6 +21,15 @@ struct Args {
     /// URL the instance calls itself (Link headers, web_url); default http://<bound addr>.
     #[arg(long)]
     external_url: Option<String>,
+    /// Serve under this path prefix, as GitLab's relative_url_root (e.g. /gitlab).
+    #[arg(long)]
+    relative_url_root: Option<String>,
+    /// The host gitlab.yml names (Link headers keep the request's scheme); with --external-port.
+    #[arg(long)]
+    external_host: Option<String>,
+    /// The port gitlab.yml names (e.g. 443 while serving plain http).
+    #[arg(long)]
+    external_port: Option<u16>,
     /// Where bare repositories live; default a temporary directory removed on exit.
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -85,6 +94,9 @@ async fn main() -> anyhow::Result<()> {
     let cfg = SandboxConfig {
         listen: args.listen,
         external_url: args.external_url.clone(),
+        relative_url_root: args.relative_url_root.clone(),
+        external_host: args.external_host.clone(),
+        external_port: args.external_port,
         data_dir,
         tls,
     };

@@ -32,11 +32,15 @@ pub struct GitRoute {
 }
 
 /// Recognises `/<ns>/<project>.git/{info/refs,git-upload-pack,git-receive-pack}`.
+/// Workhorse routes git only with the `.git` (a `.git`-less handshake is redirected
+/// first, see `server::gitless_redirect`; other `.git`-less paths are not git).
 pub fn match_route(path: &str) -> Option<GitRoute> {
     for suffix in ["/info/refs", "/git-upload-pack", "/git-receive-pack"] {
         if let Some(prefix) = path.strip_suffix(suffix) {
             let project = prefix.trim_start_matches('/');
-            let project = project.strip_suffix(".git").unwrap_or(project);
+            let Some(project) = project.strip_suffix(".git") else {
+                continue;
+            };
             if project.contains('/') && !project.split('/').any(|s| s == ".." || s.is_empty()) {
                 return Some(GitRoute {
                     project: project.to_string(),

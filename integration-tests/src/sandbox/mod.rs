@@ -42,8 +42,18 @@ use state::{Project, State, Token, User};
 pub struct SandboxConfig {
     /// Where to listen; `127.0.0.1:0` picks a free port.
     pub listen: SocketAddr,
-    /// What GitLab calls itself (Link/web_url/http_url_to_repo); default `http(s)://<bound addr>`.
+    /// What GitLab calls itself (Link/web_url/http_url_to_repo); default
+    /// `http(s)://<bound addr><relative_url_root>`.
     pub external_url: Option<String>,
+    /// GitLab's `relative_url_root` (e.g. `/gitlab`): everything, API and git smart
+    /// HTTP, is served under it and other paths answer 404.
+    pub relative_url_root: Option<String>,
+    /// `gitlab.yml`'s `host`/`port` when they differ from the URL callers use: GitLab
+    /// builds `Link` and `web_url` from the request's scheme but the configured host
+    /// and port (e.g. `http://gitlab.corp:443/...` when the caller speaks http to an
+    /// in-cluster service). Ignored when `external_url` is set.
+    pub external_host: Option<String>,
+    pub external_port: Option<u16>,
     /// Where the bare repositories live (the caller owns and cleans it).
     pub data_dir: PathBuf,
     /// Optional TLS: (certificate chain PEM, private key PEM).
@@ -56,6 +66,9 @@ impl SandboxConfig {
         SandboxConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             external_url: None,
+            relative_url_root: None,
+            external_host: None,
+            external_port: None,
             data_dir: data_dir.into(),
             tls: None,
         }
@@ -131,6 +144,10 @@ pub(crate) struct Inner {
     state: Mutex<State>,
     data_dir: PathBuf,
     external_url: String,
+    /// `""` or `/prefix` (no trailing slash).
+    relative_url_root: String,
+    /// `http` or `https`: the scheme requests arrive with.
+    scheme: &'static str,
     repo_locks: Mutex<HashMap<u64, Arc<Mutex<()>>>>,
 }
 
@@ -149,6 +166,24 @@ impl Inner {
             .or_default()
             .clone()
     }
+}
+
+/// Normalises a relative URL root to `""` or `/a/b`.
+fn relative_url_root(root: Option<&str>) -> anyhow::Result<String> {
+    let root = root.unwrap_or("").trim_end_matches('/');
+    if root.is_empty() {
+        return Ok(String::new());
+    }
+    if !root.starts_with('/')
+        || root.contains(['?', '#', ' '])
+        || root
+            .split('/')
+            .skip(1)
+            .any(|s| s.is_empty() || s == "." || s == "..")
+    {
+        anyhow::bail!("relative URL root {root:?} must look like /gitlab");
+    }
+    Ok(root.to_string())
 }
 
 /// Handle on a running sandbox GitLab; cheap to clone. Serving stops when the last
@@ -184,16 +219,25 @@ impl Sandbox {
             .with_context(|| format!("binding {}", cfg.listen))?;
         let addr = listener.local_addr()?;
         let scheme = if tls.is_some() { "https" } else { "http" };
-        let external_url = cfg
-            .external_url
-            .clone()
-            .unwrap_or_else(|| format!("{scheme}://{addr}"))
-            .trim_end_matches('/')
-            .to_string();
+        let root = relative_url_root(cfg.relative_url_root.as_deref())?;
+        let external_url = match (&cfg.external_url, &cfg.external_host, cfg.external_port) {
+            (Some(u), _, _) => u.trim_end_matches('/').to_string(),
+            (None, None, None) => format!("{scheme}://{addr}{root}"),
+            (None, host, port) => {
+                let host = host.clone().unwrap_or_else(|| match addr.ip() {
+                    std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+                    ip => ip.to_string(),
+                });
+                let port = port.unwrap_or(addr.port());
+                format!("{scheme}://{host}:{port}{root}")
+            }
+        };
         let inner = Arc::new(Inner {
             state: Mutex::new(State::default()),
             data_dir,
             external_url,
+            relative_url_root: root,
+            scheme,
             repo_locks: Mutex::new(HashMap::new()),
         });
         let stop = CancellationToken::new();

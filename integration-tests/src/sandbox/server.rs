@@ -41,29 +41,7 @@ fn all_credentials(headers: &HeaderMap, query: &[(String, String)]) -> Vec<Strin
     out
 }
 
-/// Serves one request.
-pub async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
-    let path = req.uri().path().to_string();
-    let pq = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| path.clone());
-    let query = api::parse_query(req.uri().query().unwrap_or(""));
-    {
-        let creds = all_credentials(req.headers(), &query);
-        let mut st = inner.lock();
-        st.request_log.push((req.method().to_string(), pq));
-        st.seen_tokens.extend(creds);
-    }
-    if path == "/api/v4" || path.starts_with("/api/v4/") {
-        let cred = api::api_credential(req.headers(), &query);
-        return api::serve(&inner, req, cred).await;
-    }
-    if let Some(route) = git_http::match_route(&path) {
-        let password = api::basic_credential(req.headers()).map(|(_, p)| p);
-        return git_http::serve(&inner, route, req, password).await;
-    }
+fn not_found() -> Response<Body> {
     let mut r = Response::new(Body::from("404 Not Found\n"));
     *r.status_mut() = StatusCode::NOT_FOUND;
     r.headers_mut().insert(
@@ -71,6 +49,118 @@ pub async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body>
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     r
+}
+
+/// Under a relative URL root, the request with the root taken off its path, or
+/// `None` when the path is outside the root (GitLab's web server answers 404).
+fn strip_root(root: &str, req: Request<Incoming>) -> Option<Request<Incoming>> {
+    if root.is_empty() {
+        return Some(req);
+    }
+    let path = req.uri().path();
+    let rest = path.strip_prefix(root)?;
+    if !(rest.is_empty() || rest.starts_with('/')) {
+        return None;
+    }
+    let rest = if rest.is_empty() { "/" } else { rest };
+    let pq = match req.uri().query() {
+        Some(q) => format!("{rest}?{q}"),
+        None => rest.to_string(),
+    };
+    let (mut parts, body) = req.into_parts();
+    let mut uri = parts.uri.clone().into_parts();
+    uri.path_and_query = pq.parse().ok();
+    parts.uri = http::Uri::from_parts(uri).ok()?;
+    Some(Request::from_parts(parts, body))
+}
+
+/// GitLab lets `git clone https://host/group/project` work (no `.git`): its routes
+/// (`config/routes/git_http.rb`, "Redirect /group/project/info/refs to
+/// /group/project.git/info/refs") answer the handshake, and only the handshake, with
+/// Rails' `redirect`: a 301 whose `Location` is built from the request's scheme,
+/// host and script name (the relative URL root). git follows it and keeps the `.git`
+/// base for the rest of the exchange.
+fn gitless_redirect(inner: &Inner, req: &Request<Incoming>) -> Option<Response<Body>> {
+    if req.method() != http::Method::GET && req.method() != http::Method::HEAD {
+        return None;
+    }
+    let project = req.uri().path().strip_suffix("/info/refs")?;
+    let project = project.trim_start_matches('/');
+    let segments: Vec<&str> = project.split('/').collect();
+    if segments.len() < 2
+        || project.ends_with(".git")
+        || segments
+            .iter()
+            .any(|s| s.is_empty() || *s == "." || *s == "..")
+    {
+        return None;
+    }
+    let query = req.uri().query().unwrap_or("");
+    if !(query.is_empty()
+        || query == "service=git-upload-pack"
+        || query == "service=git-receive-pack")
+    {
+        return None;
+    }
+    let host = req
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))?;
+    let mut location = format!(
+        "{}://{host}{}/{project}.git/info/refs",
+        inner.scheme, inner.relative_url_root
+    );
+    if !query.is_empty() {
+        location.push('?');
+        location.push_str(query);
+    }
+    let body =
+        format!("<html><body>You are being <a href=\"{location}\">redirected</a>.</body></html>");
+    let mut r = Response::new(Body::from(body));
+    *r.status_mut() = StatusCode::MOVED_PERMANENTLY;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        r.headers_mut().insert(http::header::LOCATION, v);
+    }
+    Some(r)
+}
+
+/// Serves one request.
+pub async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
+    {
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| req.uri().path().to_string());
+        let query = api::parse_query(req.uri().query().unwrap_or(""));
+        let creds = all_credentials(req.headers(), &query);
+        let mut st = inner.lock();
+        st.request_log.push((req.method().to_string(), pq));
+        st.seen_tokens.extend(creds);
+    }
+    let Some(req) = strip_root(&inner.relative_url_root, req) else {
+        return not_found();
+    };
+    let path = req.uri().path().to_string();
+    let query = api::parse_query(req.uri().query().unwrap_or(""));
+    if path == "/api/v4" || path.starts_with("/api/v4/") {
+        let cred = api::api_credential(req.headers(), &query);
+        return api::serve(&inner, req, cred).await;
+    }
+    if let Some(redirect) = gitless_redirect(&inner, &req) {
+        return redirect;
+    }
+    if let Some(route) = git_http::match_route(&path) {
+        let password = api::basic_credential(req.headers()).map(|(_, p)| p);
+        return git_http::serve(&inner, route, req, password).await;
+    }
+    not_found()
 }
 
 /// Builds a rustls acceptor (ring provider) from PEM cert chain and key.
