@@ -66,7 +66,41 @@ pub fn main_with(cli: Cli) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let (store, cluster) = match rt.block_on(open_store(&cfg)) {
+    rt.block_on(serve(cfg))
+}
+
+/// Binds the listeners, joins the cluster (peer listener first: the registry
+/// advertises its bound port), opens the API store, merges it with the config
+/// file and serves until shutdown. Configuration and store errors exit 64.
+async fn serve(cfg: BrokerConfig) -> ExitCode {
+    let listeners = match server::Listeners::bind(&cfg).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cluster = match (&cfg.cluster, &listeners.peer) {
+        (Some(c), Some(peer)) => {
+            let joined = peer
+                .local_addr()
+                .map_err(anyhow::Error::from)
+                .and_then(|addr| cluster::Cluster::new(c.clone(), &cfg.extra_ca_pem, addr));
+            match joined {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::error!("invalid cluster configuration: {e:#}");
+                    return ExitCode::from(64);
+                }
+            }
+        }
+        (Some(_), None) => {
+            tracing::error!("cluster mode needs the peer listener (--peer-listen)");
+            return ExitCode::from(64);
+        }
+        (None, _) => None,
+    };
+    let store = match open_store(&cfg, cluster.as_ref()).await {
         Ok(s) => s,
         Err(e) => {
             if cfg.cluster.is_some() {
@@ -93,32 +127,20 @@ pub fn main_with(cli: Cli) -> ExitCode {
     if !store.persistent() {
         tracing::warn!("no --data-dir: connections cannot be changed through the API, and merge-request tracking is kept in memory only");
     }
-    let result = rt.block_on(async move {
-        let listeners = server::Listeners::bind(&cfg).await?;
-        let cluster = match (&cfg.cluster, &listeners.peer) {
-            (Some(c), Some(peer)) => Some(cluster::Cluster::new(
-                c.clone(),
-                &cfg.extra_ca_pem,
-                peer.local_addr()?,
-            )?),
-            _ => None,
-        };
-        let shutdown = CancellationToken::new();
-        tokio::spawn(gitproxy_shared::signal::shutdown_on_signal(
-            shutdown.clone(),
-        ));
-        tracing::info!(
-            version = gitproxy_shared::VERSION,
-            connections = connections.all().len(),
-            data_dir = ?cfg.data_dir,
-            redis = cfg.cluster.as_ref().map(|c| c.redis_url.as_str()).unwrap_or("-"),
-            replica = cfg.cluster.as_ref().map(|c| c.replica_id.as_str()).unwrap_or("-"),
-            "gitproxy-broker starting"
-        );
-        let state = state::AppState::new(cfg, store, connections, cluster);
-        server::run(state, listeners, shutdown).await
-    });
-    match result {
+    let shutdown = CancellationToken::new();
+    tokio::spawn(gitproxy_shared::signal::shutdown_on_signal(
+        shutdown.clone(),
+    ));
+    tracing::info!(
+        version = gitproxy_shared::VERSION,
+        connections = connections.all().len(),
+        data_dir = ?cfg.data_dir,
+        redis = cfg.cluster.as_ref().map(|c| c.redis_url.as_str()).unwrap_or("-"),
+        replica = cfg.cluster.as_ref().map(|c| c.replica_id.as_str()).unwrap_or("-"),
+        "gitproxy-broker starting"
+    );
+    let state = state::AppState::new(cfg, store, connections, cluster);
+    match server::run(state, listeners, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -133,12 +155,12 @@ pub fn main_with(cli: Cli) -> ExitCode {
 /// key that does not open Redis's values) is.
 async fn open_store(
     cfg: &BrokerConfig,
-) -> anyhow::Result<(store::Store, Option<std::sync::Arc<cluster::Cluster>>)> {
-    let Some(settings) = &cfg.cluster else {
-        return Ok((store::Store::open(cfg.data_dir.as_deref())?, None));
+    cluster: Option<&std::sync::Arc<cluster::Cluster>>,
+) -> anyhow::Result<store::Store> {
+    let Some(cluster) = cluster else {
+        return Ok(store::Store::open(cfg.data_dir.as_deref())?);
     };
-    let cluster = cluster::Cluster::new(settings.clone(), &cfg.extra_ca_pem)?;
-    let store = store::Store::cluster(&cluster)?;
+    let store = store::Store::cluster(cluster)?;
     if let Some(c) = store.as_cluster() {
         match c.load().await {
             Ok(_) => tracing::info!(
@@ -155,5 +177,5 @@ async fn open_store(
     if cfg.data_dir.is_some() {
         tracing::info!("cluster mode: the API store lives in Redis, not under --data-dir");
     }
-    Ok((store, Some(cluster)))
+    Ok(store)
 }
