@@ -36,11 +36,13 @@ pub enum ErrorCode {
     BadRequest,
     /// A bug or an unexpected local failure.
     Internal,
+    /// GitLab kept answering 429 beyond the broker's retry budget.
+    RateLimited,
 }
 
 impl ErrorCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::Unauthorized,
         ErrorCode::UnknownConnection,
         ErrorCode::AgentNotConnected,
@@ -54,6 +56,7 @@ impl ErrorCode {
         ErrorCode::ProtocolError,
         ErrorCode::BadRequest,
         ErrorCode::Internal,
+        ErrorCode::RateLimited,
     ];
 
     /// The wire name (`X-Gitproxy-Error`, JSON `error`, tunnel `Error.code`).
@@ -72,6 +75,7 @@ impl ErrorCode {
             ErrorCode::ProtocolError => "protocol_error",
             ErrorCode::BadRequest => "bad_request",
             ErrorCode::Internal => "internal",
+            ErrorCode::RateLimited => "rate_limited",
         }
     }
 
@@ -99,6 +103,7 @@ impl ErrorCode {
             ErrorCode::Timeout => 504,
             ErrorCode::BadRequest => 400,
             ErrorCode::Internal => 500,
+            ErrorCode::RateLimited => 429,
         }
     }
 
@@ -143,6 +148,9 @@ impl ErrorCode {
             }
             ErrorCode::BadRequest => "The request is malformed.",
             ErrorCode::Internal => "An unexpected error occurred in gitproxy; see its logs.",
+            ErrorCode::RateLimited => {
+                "GitLab is rate-limiting the token's user or the broker's address (429) for longer than the broker waits (--gitlab-rate-limit-budget, GITPROXY_GITLAB_RATE_LIMIT_BUDGET). Retry later, raise the budget, or raise GitLab's user and IP rate limits (Admin > Settings > Network) for this user."
+            }
         }
     }
 }

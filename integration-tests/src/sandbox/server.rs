@@ -56,6 +56,13 @@ pub async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body>
         st.request_log.push((req.method().to_string(), pq));
         st.seen_tokens.extend(creds);
     }
+    // Rack::Attack runs before GitLab's routes, for the API and git alike.
+    if let Some(t) = &inner.throttle {
+        if let Err(refusal) = t.admit() {
+            inner.lock().throttled += 1;
+            return refusal.into_response();
+        }
+    }
     if path == "/api/v4" || path.starts_with("/api/v4/") {
         let cred = api::api_credential(req.headers(), &query);
         return api::serve(&inner, req, cred).await;
