@@ -348,10 +348,11 @@ async fn test_connection_names_the_failing_check() {
     }
     gl.sb.expire_token(EXPIRED);
     gl.sb.revoke_token(REVOKED);
+    // Without `api` (which includes repository access) the token cannot push.
     gl.sb.add_token(TokenSpec::new(
         NO_WRITE,
         gl.uid,
-        &["api", "read_repository"],
+        &["read_api", "read_repository"],
     ));
     gl.sb
         .add_token(TokenSpec::new(NO_PROJECT, bob, &ALL_SCOPES));

@@ -38,11 +38,13 @@ pub enum ErrorCode {
     Internal,
     /// Cluster mode: the shared store (Redis) cannot be written or read.
     StoreUnavailable,
+    /// GitLab kept answering 429 beyond the broker's retry budget.
+    RateLimited,
 }
 
 impl ErrorCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::Unauthorized,
         ErrorCode::UnknownConnection,
         ErrorCode::AgentNotConnected,
@@ -57,6 +59,7 @@ impl ErrorCode {
         ErrorCode::BadRequest,
         ErrorCode::Internal,
         ErrorCode::StoreUnavailable,
+        ErrorCode::RateLimited,
     ];
 
     /// The wire name (`X-Gitproxy-Error`, JSON `error`, tunnel `Error.code`).
@@ -76,6 +79,7 @@ impl ErrorCode {
             ErrorCode::BadRequest => "bad_request",
             ErrorCode::Internal => "internal",
             ErrorCode::StoreUnavailable => "store_unavailable",
+            ErrorCode::RateLimited => "rate_limited",
         }
     }
 
@@ -105,6 +109,7 @@ impl ErrorCode {
             ErrorCode::Timeout => 504,
             ErrorCode::BadRequest => 400,
             ErrorCode::Internal => 500,
+            ErrorCode::RateLimited => 429,
         }
     }
 
@@ -151,6 +156,9 @@ impl ErrorCode {
             ErrorCode::Internal => "An unexpected error occurred in gitproxy; see its logs.",
             ErrorCode::StoreUnavailable => {
                 "The shared store (Redis, --redis-url) cannot be reached or read, so the change was not saved: check Redis and this replica's connection to it (its logs say why), then retry. Front-door requests keep using the connections loaded last."
+            }
+            ErrorCode::RateLimited => {
+                "GitLab is rate-limiting the token's user or the broker's address (429) for longer than the broker waits (--gitlab-rate-limit-budget, GITPROXY_GITLAB_RATE_LIMIT_BUDGET). Retry later, raise the budget, or raise GitLab's user and IP rate limits (Admin > Settings > Network) for this user."
             }
         }
     }

@@ -11,6 +11,7 @@
 //! - [`credentials`]: GitLab credentials in headers and queries, recognised
 //!   as GitLab (Rack) reads them.
 //! - [`headers`]: hop-by-hop and `X-Gitproxy-*` filtering, wire conversion.
+//! - [`scopes`]: what a GitLab token's scopes allow gitproxy to do.
 //! - [`sanitize`]: text from the other end of the tunnel made safe to log
 //!   and show (printable, bounded).
 //! - [`idle`]: the body idle timeout.
@@ -39,6 +40,7 @@ pub mod log_limit;
 pub mod logging;
 pub mod policy;
 pub mod sanitize;
+pub mod scopes;
 pub mod secret;
 pub mod signal;
 pub mod tls;

@@ -3,7 +3,10 @@
 //! their current state read from GitLab.
 //!
 //! GitLab calls for a new MR (every one through the front door's path):
-//! 1. `GET /projects/:id` — canonical id, path and default branch;
+//! 1. `GET /projects/:id` — canonical id, path and default branch; an
+//!    archived project (read-only) is refused as `project_archived` and an
+//!    empty repository (nothing to branch from) as `empty_repository`,
+//!    both before any write;
 //! 2. `GET /projects/:id/merge_requests?state=opened&source_branch=...` — an
 //!    open MR for the source branch is returned as is (idempotent);
 //! 3. `HEAD /projects/:id/repository/files/:path?ref=<target>` per file —
@@ -14,7 +17,11 @@
 //!
 //! When the source branch already exists (an earlier attempt stopped after
 //! its commit), the files are compared on that branch and only what differs
-//! is committed — nothing when all is there. A 409 on step 5 (GitLab's
+//! is committed — nothing when all is there. That case is recognised by
+//! structure, not by GitLab's wording: the commit was refused with 400 and
+//! `GET /repository/branches/:source` answers 200 (GitLab's "A branch called
+//! ... already exists" and "A file with this name already exists" share
+//! their ending; only the first means an earlier attempt). A 409 on step 5 (GitLab's
 //! "Another open merge request already exists") means a concurrent attempt
 //! won: its MR is fetched and returned.
 
@@ -93,6 +100,8 @@ struct Project {
     id: u64,
     path: String,
     default_branch: Option<String>,
+    archived: bool,
+    empty_repo: bool,
 }
 
 fn now() -> String {
@@ -142,7 +151,38 @@ async fn get_project(
             .get("default_branch")
             .and_then(|x| x.as_str())
             .map(str::to_string),
+        archived: v.get("archived").and_then(|x| x.as_bool()) == Some(true),
+        empty_repo: v.get("empty_repo").and_then(|x| x.as_bool()) == Some(true),
     })
+}
+
+/// Whether branch `name` exists in project `pid`.
+async fn branch_exists(
+    state: &Arc<AppState>,
+    conn: &str,
+    pid: u64,
+    name: &str,
+) -> Result<bool, ApiError> {
+    let a = internal::call(
+        state,
+        conn,
+        Method::GET,
+        &format!(
+            "/api/v4/projects/{pid}/repository/branches/{}",
+            segment(name)
+        ),
+        None,
+    )
+    .await?;
+    match a.status {
+        200 => Ok(true),
+        404 => Ok(false),
+        s => Err(ApiError::gitlab(
+            "GET /repository/branches/:branch",
+            s,
+            &a.error_text(),
+        )),
+    }
 }
 
 async fn open_mr_for(
@@ -318,6 +358,22 @@ pub async fn open(
         ));
     }
     let p = get_project(state, conn, &project).await?;
+    if p.archived {
+        return Err(ApiError::new(
+            409,
+            "project_archived",
+            format!("{} is archived: GitLab makes archived projects read-only", p.path),
+            "Unarchive the project in GitLab (Settings > General > Advanced > Unarchive project) to open a merge request, or leave it out: the catalogue lists archived projects only with ?include_archived=true.",
+        ));
+    }
+    if p.empty_repo {
+        return Err(ApiError::new(
+            409,
+            "empty_repository",
+            format!("{} has an empty repository: there is no branch to open a merge request against", p.path),
+            "Push a first commit to the project's default branch, then retry; the catalogue marks such projects with empty_repo: true.",
+        ));
+    }
     let target = match req.target_branch.clone().filter(|t| !t.is_empty()) {
         Some(t) => t,
         None => p.default_branch.clone().ok_or_else(|| {
@@ -344,7 +400,7 @@ pub async fn open(
     let a = commit(state, conn, p.id, &body).await?;
     if !a.ok() {
         let text = a.error_text();
-        if a.status == 400 && text.contains("already exists") {
+        if a.status == 400 && branch_exists(state, conn, p.id, &req.source_branch).await? {
             // The branch exists: commit only what is missing there.
             let actions =
                 actions_on_existing(state, conn, p.id, &req.source_branch, &req.changes).await?;

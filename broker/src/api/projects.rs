@@ -1,5 +1,9 @@
 //! `GET /v1/connections/{id}/projects`: every project the connection's token
-//! can work on (member with Developer role or above), across all pages.
+//! can work on (member with Developer role or above by any route: direct,
+//! inherited from a group, or through a group shared with one), across all
+//! pages. Archived projects are read-only and left out unless
+//! `?include_archived=true`; each project says whether it is `archived` and
+//! whether its repository is empty.
 //!
 //! Pages are read with keyset pagination (`pagination=keyset&order_by=id`),
 //! which stays fast and consistent on large instances, following
@@ -10,7 +14,7 @@ use super::error::ApiError;
 use crate::frontdoor::internal;
 use crate::state::AppState;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::response::IntoResponse;
 use axum::Json;
 use http::{Method, Response};
@@ -37,6 +41,18 @@ pub struct ProjectView {
     /// The token user's access level (30 Developer, 40 Maintainer, 50 Owner) when GitLab says.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub access_level: Option<u64>,
+    /// Archived (read-only: no merge request can be opened).
+    pub archived: bool,
+    /// The repository has no commit yet (no merge request can be opened).
+    pub empty_repo: bool,
+}
+
+/// Query of `GET /v1/connections/{id}/projects`.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct CatalogueQuery {
+    /// List archived projects too.
+    #[serde(default)]
+    pub include_archived: bool,
 }
 
 fn project_view(v: &Value) -> Option<ProjectView> {
@@ -59,16 +75,32 @@ fn project_view(v: &Value) -> Option<ProjectView> {
         default_branch: s("default_branch"),
         web_url: s("web_url"),
         access_level,
+        archived: v.get("archived").and_then(|x| x.as_bool()).unwrap_or(false),
+        empty_repo: v
+            .get("empty_repo")
+            .and_then(|x| x.as_bool())
+            .unwrap_or(false),
     })
 }
 
 /// Reads the whole catalogue.
-pub async fn catalogue(state: &Arc<AppState>, id: &str) -> Result<Vec<ProjectView>, ApiError> {
-    let first_keyset = "/api/v4/projects?membership=true&min_access_level=30&pagination=keyset&order_by=id&sort=asc&per_page=100";
-    let first_offset =
-        "/api/v4/projects?membership=true&min_access_level=30&order_by=id&sort=asc&per_page=100";
+pub async fn catalogue(
+    state: &Arc<AppState>,
+    id: &str,
+    include_archived: bool,
+) -> Result<Vec<ProjectView>, ApiError> {
+    // GitLab lists archived projects unless asked `archived=false`.
+    let archived = if include_archived {
+        ""
+    } else {
+        "&archived=false"
+    };
+    let first_keyset = format!("/api/v4/projects?membership=true&min_access_level=30{archived}&pagination=keyset&order_by=id&sort=asc&per_page=100");
+    let first_offset = format!(
+        "/api/v4/projects?membership=true&min_access_level=30{archived}&order_by=id&sort=asc&per_page=100"
+    );
     let mut out = Vec::new();
-    let mut next = Some(first_keyset.to_string());
+    let mut next = Some(first_keyset);
     let mut pages = 0;
     let mut tried_offset = false;
     while let Some(target) = next.take() {
@@ -83,7 +115,7 @@ pub async fn catalogue(state: &Arc<AppState>, id: &str) -> Result<Vec<ProjectVie
         let a = internal::call(state, id, Method::GET, &target, None).await?;
         if a.status == 405 && !tried_offset && out.is_empty() {
             tried_offset = true;
-            next = Some(first_offset.to_string());
+            next = Some(first_offset.clone());
             continue;
         }
         if !a.ok() {
@@ -105,11 +137,18 @@ pub async fn catalogue(state: &Arc<AppState>, id: &str) -> Result<Vec<ProjectVie
 }
 
 /// `GET /v1/connections/{id}/projects`.
-pub async fn handle(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response<Body> {
+pub async fn handle(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    q: Result<Query<CatalogueQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response<Body> {
     if state.connections().get(&id).is_none() {
         return ApiError::unknown(&id).into_response();
     }
-    match catalogue(&state, &id).await {
+    let Ok(Query(q)) = q else {
+        return ApiError::invalid("include_archived must be true or false").into_response();
+    };
+    match catalogue(&state, &id, q.include_archived).await {
         Ok(p) => Json(serde_json::json!({"count": p.len(), "projects": p})).into_response(),
         Err(e) => e.into_response(),
     }

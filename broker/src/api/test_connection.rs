@@ -18,12 +18,10 @@ use axum::response::IntoResponse;
 use axum::Json;
 use gitproxy_shared::errors::{ErrorCode, GitproxyError};
 use gitproxy_shared::gitlab_probe;
+use gitproxy_shared::scopes;
 use http::{Method, Response};
 use serde::Serialize;
 use std::sync::Arc;
-
-/// Scopes remediation needs.
-pub const REQUIRED_SCOPES: [&str; 3] = ["api", "read_repository", "write_repository"];
 
 /// Hint for token problems.
 const TOKEN_HINT: &str = "Create a new personal, group or project access token with scopes api, read_repository and write_repository and set it: PUT /v1/connections/{id} {\"token\": \"...\"} (or token/token_file in the config file; or the agent's GITPROXY_GITLAB_TOKEN when the agent holds the token).";
@@ -281,47 +279,47 @@ pub async fn run(state: &Arc<AppState>, conn: &Arc<Connection>) -> Report {
                     .collect()
             });
         }
-        401 => {
-            r.push(fail(
-                "token_valid",
-                token_refusal(&me),
-                TOKEN_HINT.replace("{id}", id),
-            ));
-            return r.skip_rest("needs a valid token");
-        }
-        404 => {
-            // GitLab older than 15.5 has no /personal_access_tokens/self.
-            match internal::call(state, id, Method::GET, "/api/v4/user", None).await {
-                Ok(a) if a.ok() => r.push(pass(
-                    "token_valid",
-                    "the token is accepted (this GitLab cannot show the token's details)",
-                )),
-                Ok(a) if a.status == 401 => {
-                    r.push(fail(
+        // GitLab before 15.5 has no /personal_access_tokens/self: 14.x answers
+        // 404, 15.1–15.4 route "self" to /personal_access_tokens/:id and answer
+        // a non-administrator 401 although the token is good. /user decides.
+        401 | 404 => match internal::call(state, id, Method::GET, "/api/v4/user", None).await {
+            Ok(a) if a.ok() => {
+                let who = a
+                    .json()
+                    .get("username")
+                    .and_then(|u| u.as_str())
+                    .map(|u| format!(" (user {u})"))
+                    .unwrap_or_default();
+                r.push(pass(
                         "token_valid",
-                        token_refusal(&a),
-                        TOKEN_HINT.replace("{id}", id),
-                    ));
-                    return r.skip_rest("needs a valid token");
-                }
-                Ok(a) => {
-                    r.push(fail(
-                        "token_valid",
-                        format!(
-                            "GitLab answered {} to GET /user: {}",
-                            a.status,
-                            a.error_text()
-                        ),
-                        TOKEN_HINT.replace("{id}", id),
-                    ));
-                    return r.skip_rest("needs a valid token");
-                }
-                Err(e) => {
-                    r.push(fail("token_valid", reach_detail(&e), e.hint.clone()));
-                    return r.skip_rest("needs a valid token");
-                }
+                        format!("GitLab accepts the token{who}; this GitLab has no /personal_access_tokens/self (before 15.5), so its expiry and scopes cannot be read"),
+                    ))
             }
-        }
+            Ok(a) if a.status == 401 => {
+                r.push(fail(
+                    "token_valid",
+                    token_refusal(&a),
+                    TOKEN_HINT.replace("{id}", id),
+                ));
+                return r.skip_rest("needs a valid token");
+            }
+            Ok(a) => {
+                r.push(fail(
+                    "token_valid",
+                    format!(
+                        "GitLab answered {} to GET /user: {}",
+                        a.status,
+                        a.error_text()
+                    ),
+                    TOKEN_HINT.replace("{id}", id),
+                ));
+                return r.skip_rest("needs a valid token");
+            }
+            Err(e) => {
+                r.push(fail("token_valid", reach_detail(&e), e.hint.clone()));
+                return r.skip_rest("needs a valid token");
+            }
+        },
         s => {
             r.push(fail(
                 "token_valid",
@@ -335,45 +333,70 @@ pub async fn run(state: &Arc<AppState>, conn: &Arc<Connection>) -> Report {
         }
     }
 
-    // 5. token_scopes
-    let can_list = match &scopes {
-        None => {
-            r.push(skip(
-                "token_scopes",
-                "this GitLab does not show a token's scopes",
-            ));
-            true
-        }
+    // 5. token_scopes (read from the token, or established by capability),
+    // 6. projects_found.
+    let can_list = scopes
+        .as_ref()
+        .is_none_or(|have| have.iter().any(|h| h == "api" || h == "read_api"));
+    let projects = if can_list {
+        Some(
+            internal::call(
+                state,
+                id,
+                Method::GET,
+                "/api/v4/projects?membership=true&min_access_level=30&archived=false&per_page=1&simple=true",
+                None,
+            )
+            .await,
+        )
+    } else {
+        None
+    };
+    let first_project = match &projects {
+        Some(Ok(a)) if a.ok() => a
+            .json()
+            .as_array()
+            .and_then(|v| v.first().cloned())
+            .and_then(|p| {
+                p.get("path_with_namespace")
+                    .and_then(|x| x.as_str())
+                    .map(str::to_string)
+            }),
+        _ => None,
+    };
+    match &scopes {
         Some(have) => {
-            let missing: Vec<&str> = REQUIRED_SCOPES
-                .iter()
-                .copied()
-                .filter(|s| !have.iter().any(|h| h == s))
-                .collect();
-            if missing.is_empty() {
-                r.push(pass("token_scopes", format!("scopes: {}", have.join(", "))));
+            let v = scopes::judge(have);
+            if v.ok {
+                let detail = if v.note.is_empty() {
+                    v.detail
+                } else {
+                    format!("{}; {}", v.detail, v.note)
+                };
+                r.push(pass("token_scopes", detail));
             } else {
                 r.push(fail(
                     "token_scopes",
-                    format!(
-                        "the token lacks {} (it has: {})",
-                        missing.join(", "),
-                        if have.is_empty() {
-                            "none".to_string()
-                        } else {
-                            have.join(", ")
-                        }
-                    ),
-                    format!(
-                        "GitLab cannot add scopes to a token: create a new one with scopes api, read_repository and write_repository and set it (PUT /v1/connections/{id} {{\"token\": \"...\"}})."
-                    ),
+                    v.detail,
+                    format!("{} (PUT /v1/connections/{id} {{\"token\": \"...\"}})", v.note),
                 ));
             }
-            have.iter().any(|h| h == "api" || h == "read_api")
         }
-    };
+        None => match &first_project {
+            None => r.push(skip(
+                "token_scopes",
+                "this GitLab does not show a token's scopes, and there is no project to try git access on (see projects_found)",
+            )),
+            Some(pwn) => match git_capability(state, id, pwn).await {
+                Ok(c) => r.push(c),
+                Err(e) => {
+                    r.push(fail("token_scopes", reach_detail(&e), e.hint.clone()));
+                    return r.skip_rest("needs GitLab to answer");
+                }
+            },
+        },
+    }
 
-    // 6. projects_found
     if !can_list {
         r.push(skip(
             "projects_found",
@@ -381,21 +404,13 @@ pub async fn run(state: &Arc<AppState>, conn: &Arc<Connection>) -> Report {
         ));
         return r.finish();
     }
-    match internal::call(
-        state,
-        id,
-        Method::GET,
-        "/api/v4/projects?membership=true&min_access_level=30&per_page=1&simple=true",
-        None,
-    )
-    .await
-    {
-        Ok(a) if a.ok() => {
+    match projects {
+        Some(Ok(a)) if a.ok() => {
             let n = a.json().as_array().map(|v| v.len()).unwrap_or(0);
             if n == 0 {
                 r.push(fail(
                     "projects_found",
-                    "the token's user is Developer (or above) in no project",
+                    "the token's user is Developer (or above) in no project that is not archived",
                     "Create the token at group level, or add its user to the projects as Developer (or above).",
                 ));
             } else {
@@ -407,11 +422,11 @@ pub async fn run(state: &Arc<AppState>, conn: &Arc<Connection>) -> Report {
                     .unwrap_or_else(|| "at least one project".into());
                 r.push(pass(
                     "projects_found",
-                    format!("{total} with Developer role or above"),
+                    format!("{total} with Developer role or above (archived projects not counted)"),
                 ));
             }
         }
-        Ok(a) => r.push(fail(
+        Some(Ok(a)) => r.push(fail(
             "projects_found",
             format!(
                 "GitLab answered {} to GET /projects: {}",
@@ -420,9 +435,64 @@ pub async fn run(state: &Arc<AppState>, conn: &Arc<Connection>) -> Report {
             ),
             "Check the token's scopes (api) and its user's memberships.",
         )),
-        Err(e) => r.push(fail("projects_found", reach_detail(&e), e.hint.clone())),
+        Some(Err(e)) => r.push(fail("projects_found", reach_detail(&e), e.hint.clone())),
+        None => {}
     }
     r.finish()
+}
+
+/// Where `/personal_access_tokens/self` is missing: what the token may do
+/// with repositories, from the smart HTTP advertisements of project `pwn`
+/// (`info/refs?service=git-upload-pack` for read, `git-receive-pack` for
+/// write; GitLab checks scope and role before advertising either).
+async fn git_capability(
+    state: &Arc<AppState>,
+    id: &str,
+    pwn: &str,
+) -> Result<Check, GitproxyError> {
+    let path: String = pwn
+        .split('/')
+        .map(internal::segment)
+        .collect::<Vec<_>>()
+        .join("/");
+    let mut can = Vec::new();
+    for (service, what) in [("git-upload-pack", "read"), ("git-receive-pack", "write")] {
+        let a = internal::call(
+            state,
+            id,
+            Method::GET,
+            &format!("/{path}.git/info/refs?service={service}"),
+            None,
+        )
+        .await?;
+        match a.status {
+            200 => can.push(what),
+            401 | 403 => {
+                return Ok(fail(
+                    "token_scopes",
+                    format!(
+                        "the token cannot {what} the repository of {pwn}: GitLab answered {} to {service} ({})",
+                        a.status,
+                        String::from_utf8_lossy(&a.body[..a.body.len().min(120)]).trim()
+                    ),
+                    format!("Create a token with scope api (read_repository and write_repository recommended) and set it (PUT /v1/connections/{id} {{\"token\": \"...\"}})."),
+                ))
+            }
+            s => {
+                return Ok(skip(
+                    "token_scopes",
+                    format!("this GitLab does not show a token's scopes, and {service} on {pwn} answered {s}: repository access could not be determined"),
+                ))
+            }
+        }
+    }
+    Ok(pass(
+        "token_scopes",
+        format!(
+            "this GitLab does not show a token's scopes; the token can {} the repository of {pwn} over git (whether it may write through the API, scope api, cannot be read before GitLab 15.5)",
+            can.join(" and ")
+        ),
+    ))
 }
 
 fn reach_detail(e: &GitproxyError) -> String {

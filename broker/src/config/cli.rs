@@ -79,6 +79,11 @@ pub struct ServeArgs {
     /// someone waits for it ends with `timeout` (0s = never).
     #[arg(long, env = "GITPROXY_BODY_IDLE_TIMEOUT", default_value = "300s", value_parser = humantime::parse_duration)]
     pub body_idle_timeout: Duration,
+    /// Longest total wait of one broker-made GitLab request (Test Connection,
+    /// catalogue page, merge-request step) on GitLab's 429 `Retry-After`
+    /// before it fails as `rate_limited` (0s = never wait).
+    #[arg(long, env = "GITPROXY_GITLAB_RATE_LIMIT_BUDGET", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub gitlab_rate_limit_budget: Duration,
     /// Most requests in flight per connection before answering `overloaded`.
     #[arg(long, env = "GITPROXY_MAX_IN_FLIGHT", default_value_t = 2048)]
     pub max_in_flight: usize,

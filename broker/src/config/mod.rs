@@ -59,6 +59,8 @@ pub struct ListenerSettings {
 /// The validated broker configuration.
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
+    /// Longest total wait of one broker-made GitLab request on 429 `Retry-After`.
+    pub gitlab_rate_limit_budget: Duration,
     /// Agent listener address.
     pub agent_listen: SocketAddr,
     /// API listener address.
@@ -185,6 +187,7 @@ impl BrokerConfig {
             bail!("--heartbeat-timeout must be at least twice --heartbeat-interval");
         }
         Ok(BrokerConfig {
+            gitlab_rate_limit_budget: a.gitlab_rate_limit_budget,
             agent_listen,
             api_listen,
             tls,

@@ -12,6 +12,7 @@ use gitproxy_shared::errors::{ErrorCode, GitproxyError};
 use http::{HeaderMap, HeaderValue, Method, Request};
 use http_body_util::BodyExt;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Host name internal requests carry (what `Link` headers are rewritten to).
 pub const INTERNAL_HOST: &str = "gitproxy.internal";
@@ -95,9 +96,60 @@ impl Answer {
 /// Sends `method target` (path and query relative to GitLab's base URL)
 /// through connection `connection`, with an optional JSON body, and reads
 /// the whole answer. `Err` is an error made by gitproxy (agent not
-/// connected, GitLab unreachable, TLS, proxy, ...); GitLab's own errors are
-/// an `Ok` answer with their status.
+/// connected, GitLab unreachable, TLS, proxy, ...) or `rate_limited` when
+/// GitLab's 429s outlast the retry budget; GitLab's other errors are an
+/// `Ok` answer with their status.
 pub async fn call(
+    state: &Arc<AppState>,
+    connection: &str,
+    method: Method,
+    target: &str,
+    json: Option<&serde_json::Value>,
+) -> Result<Answer, GitproxyError> {
+    let budget = state.config.gitlab_rate_limit_budget;
+    let mut waited = Duration::ZERO;
+    loop {
+        let a = call_once(state, connection, method.clone(), target, json).await?;
+        if a.status != 429 {
+            return Ok(a);
+        }
+        let wait = retry_after(&a.headers);
+        if waited + wait > budget {
+            let path = target.split('?').next().unwrap_or(target);
+            return Err(GitproxyError::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "GitLab answered 429 (rate limited) to {method} {path}{}; it asks to wait {}s, beyond what is left of the broker's {}s budget (waited {}s)",
+                    a.headers
+                        .get("ratelimit-name")
+                        .and_then(|v| v.to_str().ok())
+                        .map(|n| format!(" by throttle {n:?}"))
+                        .unwrap_or_default(),
+                    wait.as_secs(),
+                    budget.as_secs(),
+                    waited.as_secs()
+                ),
+            ));
+        }
+        tracing::info!(connection = %connection, wait_s = wait.as_secs(), "GitLab rate-limits the broker's request (429); retrying after Retry-After");
+        tokio::time::sleep(wait).await;
+        waited += wait;
+    }
+}
+
+/// GitLab's `Retry-After` in seconds (at least 1 s; 1 s when absent or not
+/// a number, as Rack::Attack always sends seconds).
+fn retry_after(h: &HeaderMap) -> Duration {
+    let secs = h
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(1)
+        .max(1);
+    Duration::from_secs(secs)
+}
+
+async fn call_once(
     state: &Arc<AppState>,
     connection: &str,
     method: Method,
@@ -187,5 +239,20 @@ mod tests {
             Some("/api/v4/projects?id_after=5&per_page=100")
         );
         assert_eq!(segment("group/my-app_1.x"), "group%2Fmy-app_1.x");
+    }
+
+    #[test]
+    fn retry_after_is_seconds_at_least_one() {
+        let mut h = HeaderMap::new();
+        assert_eq!(retry_after(&h), Duration::from_secs(1));
+        h.insert(http::header::RETRY_AFTER, HeaderValue::from_static("17"));
+        assert_eq!(retry_after(&h), Duration::from_secs(17));
+        h.insert(http::header::RETRY_AFTER, HeaderValue::from_static("0"));
+        assert_eq!(retry_after(&h), Duration::from_secs(1));
+        h.insert(
+            http::header::RETRY_AFTER,
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
+        assert_eq!(retry_after(&h), Duration::from_secs(1));
     }
 }

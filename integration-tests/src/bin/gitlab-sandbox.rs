@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
-use gitproxy_integration_tests::sandbox::{demo, Sandbox, SandboxConfig};
+use gitproxy_integration_tests::sandbox::{demo, GitlabVersion, RateLimit, Sandbox, SandboxConfig};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -45,6 +45,15 @@ struct Args {
     /// PEM private key for TLS (with --tls-cert).
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// The GitLab release to imitate (e.g. 14.10, 15.3, 16.11, 17.5).
+    #[arg(long, default_value_t = GitlabVersion::LATEST)]
+    gitlab_version: GitlabVersion,
+    /// Throttle: at most this many requests per --rate-limit-period (429 beyond, as Rack::Attack).
+    #[arg(long)]
+    rate_limit: Option<u32>,
+    /// The throttle's period in seconds.
+    #[arg(long, default_value_t = 1)]
+    rate_limit_period: u64,
 }
 
 async fn shutdown_signal() {
@@ -99,6 +108,10 @@ async fn main() -> anyhow::Result<()> {
         external_port: args.external_port,
         data_dir,
         tls,
+        gitlab_version: args.gitlab_version,
+        rate_limit: args
+            .rate_limit
+            .map(|n| RateLimit::per(n, args.rate_limit_period)),
     };
     let (sb, addr) = Sandbox::start(cfg).await?;
     if args.demo {
@@ -110,6 +123,7 @@ async fn main() -> anyhow::Result<()> {
         "listening": addr.to_string(),
         "external_url": sb.external_url(),
         "token": args.token,
+        "gitlab_version": args.gitlab_version.to_string(),
     });
     {
         let mut out = std::io::stdout().lock();

@@ -47,10 +47,13 @@ pub fn seed(sb: &Sandbox, token: &str) -> anyhow::Result<DemoData> {
     let mut specs = vec![ProjectSpec::new("demo-group/webapp")
         .member(user_id, access::DEVELOPER)
         .file("package.json", WEBAPP_PACKAGE_JSON)];
+    // Customers' default branches are not all `main`.
+    let branches = ["main", "master", "develop", "trunk"];
     for i in 1..=FILLER_PROJECTS {
         specs.push(
             ProjectSpec::new(format!("demo-group/service-{i:03}"))
-                .member(user_id, levels[i % levels.len()]),
+                .member(user_id, levels[i % levels.len()])
+                .default_branch(branches[(i / levels.len()) % branches.len()]),
         );
     }
     let workers = std::thread::available_parallelism()

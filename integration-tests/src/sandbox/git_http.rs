@@ -139,6 +139,13 @@ pub async fn serve(
             }
         }
         Service::ReceivePack => {
+            // lib/gitlab/git_access.rb: ERROR_MESSAGES[:archived].
+            if project.archived {
+                return text(
+                    StatusCode::FORBIDDEN,
+                    "You are not allowed to push code to an archived project.\n",
+                );
+            }
             if level < access::DEVELOPER || !git_scope(&["api", "write_repository"]) {
                 return text(
                     StatusCode::FORBIDDEN,

@@ -25,6 +25,8 @@ mod git_http;
 mod repo;
 mod server;
 pub mod state;
+pub mod throttle;
+pub mod version;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -36,6 +38,8 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 pub use state::access;
 use state::{Project, State, Token, User};
+pub use throttle::RateLimit;
+pub use version::GitlabVersion;
 
 /// How to run a sandbox.
 #[derive(Debug, Clone)]
@@ -58,6 +62,10 @@ pub struct SandboxConfig {
     pub data_dir: PathBuf,
     /// Optional TLS: (certificate chain PEM, private key PEM).
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
+    /// The GitLab release imitated (`/version`, routes that came later).
+    pub gitlab_version: GitlabVersion,
+    /// A Rack::Attack-style throttle over every request, if any.
+    pub rate_limit: Option<RateLimit>,
 }
 
 impl SandboxConfig {
@@ -71,7 +79,21 @@ impl SandboxConfig {
             external_port: None,
             data_dir: data_dir.into(),
             tls: None,
+            gitlab_version: GitlabVersion::default(),
+            rate_limit: None,
         }
+    }
+
+    /// Imitates another GitLab release.
+    pub fn version(mut self, v: GitlabVersion) -> SandboxConfig {
+        self.gitlab_version = v;
+        self
+    }
+
+    /// Throttles every request.
+    pub fn rate_limit(mut self, r: RateLimit) -> SandboxConfig {
+        self.rate_limit = Some(r);
+        self
     }
 }
 
@@ -111,6 +133,10 @@ pub struct ProjectSpec {
     pub members: Vec<(u64, u32)>,
     /// Files of the initial commit: `(path, content)`.
     pub files: Vec<(String, Vec<u8>)>,
+    /// Archived: listed unless `archived=false`, read-only.
+    pub archived: bool,
+    /// No commit at all (GitLab's `empty_repo`, `default_branch: null`).
+    pub empty: bool,
 }
 
 impl ProjectSpec {
@@ -122,7 +148,28 @@ impl ProjectSpec {
             path_with_namespace: pwn,
             default_branch: "main".into(),
             members: Vec::new(),
+            archived: false,
+            empty: false,
         }
+    }
+
+    /// With another default branch (`master`, `develop`, `trunk`, ...).
+    pub fn default_branch(mut self, name: impl Into<String>) -> ProjectSpec {
+        self.default_branch = name.into();
+        self
+    }
+
+    /// Archived (read-only).
+    pub fn archived(mut self) -> ProjectSpec {
+        self.archived = true;
+        self
+    }
+
+    /// An empty repository: no commit, no branch.
+    pub fn empty(mut self) -> ProjectSpec {
+        self.empty = true;
+        self.files.clear();
+        self
     }
 
     /// Adds a member.
@@ -149,6 +196,8 @@ pub(crate) struct Inner {
     /// `http` or `https`: the scheme requests arrive with.
     scheme: &'static str,
     repo_locks: Mutex<HashMap<u64, Arc<Mutex<()>>>>,
+    pub(crate) version: GitlabVersion,
+    pub(crate) throttle: Option<throttle::Throttle>,
 }
 
 impl Inner {
@@ -239,6 +288,8 @@ impl Sandbox {
             relative_url_root: root,
             scheme,
             repo_locks: Mutex::new(HashMap::new()),
+            version: cfg.gitlab_version,
+            throttle: cfg.rate_limit.map(throttle::Throttle::new),
         });
         let stop = CancellationToken::new();
         let closed = CancellationToken::new();
@@ -379,7 +430,7 @@ impl Sandbox {
         repo::Repo::create(
             &dir,
             &spec.default_branch,
-            &spec.files,
+            if spec.empty { None } else { Some(&spec.files) },
             &repo::Identity::default(),
         )?;
         Ok(dir)
@@ -397,6 +448,8 @@ impl Sandbox {
             namespace: namespace.to_string(),
             default_branch: spec.default_branch.clone(),
             members: spec.members.iter().copied().collect(),
+            archived: spec.archived,
+            empty: spec.empty,
             repo_dir: dir,
             created_at: clock::now_iso(),
         });
@@ -409,6 +462,22 @@ impl Sandbox {
         if let Some(p) = st.projects.iter_mut().find(|p| p.id == project_id) {
             p.members.insert(user_id, access_level);
         }
+    }
+
+    /// Archives (or unarchives) a project.
+    pub fn set_archived(&self, project_id: u64, archived: bool) {
+        let mut st = self.inner.lock();
+        if let Some(p) = st.projects.iter_mut().find(|p| p.id == project_id) {
+            p.archived = archived;
+        }
+    }
+
+    /// Creates many projects at once (repositories prepared in parallel).
+    pub fn add_projects(&self, specs: &[ProjectSpec]) -> anyhow::Result<Vec<u64>> {
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get() * 2)
+            .unwrap_or(4);
+        self.prepare_many(specs, workers)
     }
 
     /// The id of a project by `group/name`.
@@ -464,6 +533,16 @@ impl Sandbox {
     /// `(method, path+query)` of every request served, in order.
     pub fn request_log(&self) -> Vec<(String, String)> {
         self.inner.lock().request_log.clone()
+    }
+
+    /// How many requests the throttle refused with 429.
+    pub fn throttled(&self) -> u64 {
+        self.inner.lock().throttled
+    }
+
+    /// The GitLab release imitated.
+    pub fn gitlab_version(&self) -> GitlabVersion {
+        self.inner.version
     }
 
     /// Forgets the request log and seen credentials.

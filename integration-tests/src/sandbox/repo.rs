@@ -170,7 +170,7 @@ impl Repo {
     pub fn create(
         dir: &Path,
         default_branch: &str,
-        files: &[(String, Vec<u8>)],
+        files: Option<&[(String, Vec<u8>)]>,
         who: &Identity,
     ) -> Result<Repo> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -195,6 +195,10 @@ impl Repo {
             run(c)?;
         }
         install_pre_receive_hook(dir)?;
+        // An empty repository: HEAD names the default branch, which has no commit.
+        let Some(files) = files else {
+            return Ok(repo);
+        };
         let actions: Vec<FileAction> = files
             .iter()
             .map(|(p, c)| FileAction::Create {

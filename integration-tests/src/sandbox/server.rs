@@ -144,6 +144,13 @@ pub async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body>
         st.request_log.push((req.method().to_string(), pq));
         st.seen_tokens.extend(creds);
     }
+    // Rack::Attack runs before GitLab's routes, for the API and git alike.
+    if let Some(t) = &inner.throttle {
+        if let Err(refusal) = t.admit() {
+            inner.lock().throttled += 1;
+            return refusal.into_response();
+        }
+    }
     let Some(req) = strip_root(&inner.relative_url_root, req) else {
         return not_found();
     };

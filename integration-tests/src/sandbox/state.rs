@@ -51,6 +51,10 @@ pub struct Project {
     pub namespace: String,
     pub default_branch: String,
     pub members: BTreeMap<u64, u32>,
+    /// Archived: read-only, hidden by `archived=false`.
+    pub archived: bool,
+    /// Created without commits (`empty_repo`); a push fills it.
+    pub empty: bool,
     pub repo_dir: PathBuf,
     pub created_at: String,
 }
@@ -92,6 +96,8 @@ pub struct State {
     pub merge_requests: Vec<MergeRequest>,
     pub seen_tokens: Vec<String>,
     pub request_log: Vec<(String, String)>,
+    /// Requests refused by the throttle.
+    pub throttled: u64,
     next_id: u64,
 }
 

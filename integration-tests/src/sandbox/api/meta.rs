@@ -6,13 +6,12 @@ use http::{Response, StatusCode};
 use serde_json::{json, Value};
 
 use super::auth::{require_scope, AuthError, Caller};
-use super::json_response;
+use super::{json_response, route_not_found};
 use crate::sandbox::state::User;
+use crate::sandbox::version::TokenSelf;
 use crate::sandbox::Inner;
 
-/// The GitLab version the sandbox claims to be.
-pub const VERSION: &str = "17.5.0-ee";
-/// The matching revision.
+/// The revision `/version` names.
 pub const REVISION: &str = "5a1b2c3d4e5";
 
 const USER_SCOPES: &[&str] = &["api", "read_api", "read_user"];
@@ -31,25 +30,28 @@ pub fn user_basic(inner: &Inner, user: &User) -> Value {
 }
 
 /// `GET /version`.
-pub fn version(caller: Option<&Caller>) -> Response<Body> {
+pub fn version(inner: &Inner, caller: Option<&Caller>) -> Response<Body> {
     if let Err(r) = require_scope(caller, USER_SCOPES) {
         return r;
     }
     json_response(
         StatusCode::OK,
-        &json!({"version": VERSION, "revision": REVISION}),
+        &json!({"version": inner.version.full(), "revision": REVISION}),
     )
 }
 
 /// `GET /metadata`.
-pub fn metadata(caller: Option<&Caller>) -> Response<Body> {
+pub fn metadata(inner: &Inner, caller: Option<&Caller>) -> Response<Body> {
+    if !inner.version.has_metadata() {
+        return route_not_found();
+    }
     if let Err(r) = require_scope(caller, USER_SCOPES) {
         return r;
     }
     json_response(
         StatusCode::OK,
         &json!({
-            "version": VERSION,
+            "version": inner.version.full(),
             "revision": REVISION,
             "kas": {
                 "enabled": false,
@@ -97,8 +99,15 @@ pub fn user(inner: &Inner, caller: Option<&Caller>) -> Response<Body> {
     json_response(StatusCode::OK, &v)
 }
 
-/// `GET /personal_access_tokens/self` (any scope may call it).
-pub fn token_self(caller: Option<&Caller>) -> Response<Body> {
+/// `GET /personal_access_tokens/self` (any scope may call it); see
+/// [`crate::sandbox::version`] for what releases before 15.5 answer.
+pub fn token_self(inner: &Inner, caller: Option<&Caller>) -> Response<Body> {
+    match inner.version.token_self() {
+        TokenSelf::Exists => {}
+        TokenSelf::NoRoute => return route_not_found(),
+        // `current_user.admin? ? not_found! : unauthorized!`: sandbox users are not admins.
+        TokenSelf::Unauthorized => return AuthError::Unauthorized.into_response(),
+    }
     let Some(c) = caller else {
         return AuthError::Unauthorized.into_response();
     };

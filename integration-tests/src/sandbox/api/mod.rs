@@ -211,7 +211,7 @@ pub async fn serve(
         None => None,
         Some(tok) => match auth::authenticate(inner, &tok) {
             Ok(c) => Some(c),
-            Err(_) if !known_route(&api) => return route_not_found(),
+            Err(_) if !known_route(inner, &api) => return route_not_found(),
             Err(e) => return e.into_response(),
         },
     };
@@ -219,8 +219,13 @@ pub async fn serve(
 }
 
 /// Whether a request matches a route of the table below (any method).
-fn known_route(req: &ApiRequest) -> bool {
+fn known_route(inner: &Inner, req: &ApiRequest) -> bool {
     let segs: Vec<&str> = req.segments.iter().map(String::as_str).collect();
+    if segs == ["personal_access_tokens", "self"]
+        && inner.version.token_self() == super::version::TokenSelf::NoRoute
+    {
+        return false;
+    }
     matches!(
         segs.as_slice(),
         ["version"]
@@ -246,10 +251,10 @@ async fn route(inner: &Inner, req: &ApiRequest, caller: Option<&Caller>) -> Resp
     let get = *m == Method::GET || *m == Method::HEAD;
     let post = *m == Method::POST;
     match segs.as_slice() {
-        ["version"] if get => meta::version(caller),
-        ["metadata"] if get => meta::metadata(caller),
+        ["version"] if get => meta::version(inner, caller),
+        ["metadata"] if get => meta::metadata(inner, caller),
         ["user"] if get => meta::user(inner, caller),
-        ["personal_access_tokens", "self"] if get => meta::token_self(caller),
+        ["personal_access_tokens", "self"] if get => meta::token_self(inner, caller),
         ["projects"] if get => projects::list(inner, req, caller),
         ["projects", id] if get => projects::get(inner, id, caller),
         ["projects", id, "repository", "files", path] if get => {

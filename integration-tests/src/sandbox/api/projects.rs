@@ -27,7 +27,8 @@ pub fn project_json(inner: &Inner, p: &Project, access: u32, simple: bool) -> Va
         "path": p.path,
         "path_with_namespace": pwn,
         "created_at": p.created_at,
-        "default_branch": p.default_branch,
+        // GitLab: an empty repository has no default branch yet.
+        "default_branch": if p.empty { Value::Null } else { json!(p.default_branch) },
         "tag_list": [],
         "topics": [],
         "ssh_url_to_repo": format!("git@{host}:{pwn}.git"),
@@ -52,8 +53,8 @@ pub fn project_json(inner: &Inner, p: &Project, access: u32, simple: bool) -> Va
     if !simple {
         if let Value::Object(m) = &mut v {
             m.insert("visibility".into(), json!("private"));
-            m.insert("archived".into(), json!(false));
-            m.insert("empty_repo".into(), json!(false));
+            m.insert("archived".into(), json!(p.archived));
+            m.insert("empty_repo".into(), json!(p.empty));
             m.insert("merge_requests_enabled".into(), json!(true));
             m.insert("issues_enabled".into(), json!(true));
             m.insert(
@@ -110,7 +111,7 @@ pub fn list(inner: &Inner, req: &ApiRequest, caller: Option<&Caller>) -> Respons
     let keyset = req.param("pagination").as_deref() == Some("keyset");
     let order_by = req.param("order_by").unwrap_or_else(|| "created_at".into());
     let desc = req.param("sort").as_deref() != Some("asc");
-    if keyset && order_by != "id" {
+    if keyset && (order_by != "id" || !inner.version.projects_keyset()) {
         return error(
             StatusCode::METHOD_NOT_ALLOWED,
             "Keyset pagination is not yet available for this type of request",
@@ -121,6 +122,12 @@ pub fn list(inner: &Inner, req: &ApiRequest, caller: Option<&Caller>) -> Respons
         .and_then(|v| v.parse::<u32>().ok())
         .unwrap_or(0);
     let search = req.param("search").map(|s| s.to_ascii_lowercase());
+    // `archived` (doc/api/projects.md, "List all projects"): absent lists both.
+    let archived = match req.param("archived").as_deref() {
+        Some("true") | Some("1") | Some("yes") | Some("t") => Some(true),
+        Some("false") | Some("0") | Some("no") | Some("f") => Some(false),
+        _ => None,
+    };
     let simple = req.flag("simple");
     let mut rows: Vec<(Project, u32)> = {
         let st = inner.lock();
@@ -128,6 +135,7 @@ pub fn list(inner: &Inner, req: &ApiRequest, caller: Option<&Caller>) -> Respons
             .iter()
             .map(|p| (p.clone(), level(p, caller)))
             .filter(|(_, l)| *l > 0 && *l >= min_level)
+            .filter(|(p, _)| archived.is_none_or(|a| p.archived == a))
             .filter(|(p, _)| match &search {
                 Some(s) => {
                     p.name.to_ascii_lowercase().contains(s)

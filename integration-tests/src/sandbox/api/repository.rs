@@ -49,7 +49,10 @@ pub fn for_write(
 ) -> Result<(Project, u32, Caller), Response<Body>> {
     let c = require_scope(caller, api_scopes(true))?;
     let (p, lvl) = visible(inner, id, caller)?;
-    if !can_write(lvl) {
+    // An archived project is read-only: `can?(:push_code)` is false for
+    // everyone, so every write endpoint answers 403 (app/policies/project_policy.rb,
+    // `rule { archived }.policy { prevent(*readonly_abilities) }`).
+    if !can_write(lvl) || p.archived {
         return Err(forbidden());
     }
     Ok((p, lvl, c.clone()))
