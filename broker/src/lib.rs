@@ -158,7 +158,7 @@ async fn open_store(
     cluster: Option<&std::sync::Arc<cluster::Cluster>>,
 ) -> anyhow::Result<store::Store> {
     let Some(cluster) = cluster else {
-        return Ok(store::Store::open(cfg.data_dir.as_deref())?);
+        return store::Store::open(cfg.data_dir.as_deref());
     };
     let store = store::Store::cluster(cluster)?;
     if let Some(c) = store.as_cluster() {
