@@ -87,10 +87,10 @@ impl Policy {
             return Err("the path contains '.' or '..' segments".into());
         }
         let query = target.split_once('?').map(|(_, q)| q).unwrap_or("");
-        if self.allowed_path(path)
+        if self.allowed_path(path, &decoded)
             || (self.allow_git
                 && (method == "GET" || method == "HEAD")
-                && is_gitless_handshake(path, query))
+                && is_gitless_handshake(&decoded, query))
         {
             Ok(())
         } else {
@@ -101,13 +101,16 @@ impl Policy {
         }
     }
 
-    fn allowed_path(&self, path: &str) -> bool {
+    /// `path` as sent and `decoded` once percent-decoded: a git path must be
+    /// one both ways (`/g%2F.git/...` is `/g/.git/...` to a server that
+    /// decodes: no repository name before `.git`).
+    fn allowed_path(&self, path: &str, decoded: &str) -> bool {
         if self.allow_api
             && (path == "/api/v4" || path.starts_with("/api/v4/") || path == "/api/graphql")
         {
             return true;
         }
-        if self.allow_git && is_git_path(path) {
+        if self.allow_git && is_git_path(path) && is_git_path(decoded) {
             return true;
         }
         self.extra_prefixes
@@ -132,7 +135,8 @@ fn is_git_path(path: &str) -> bool {
     ) || rest.starts_with("/info/lfs/")
 }
 
-/// `/<namespace>/<project>/info/refs` with no query or exactly
+/// `/<namespace>/<project>/info/refs` (the path once decoded, so that an
+/// encoded `/` cannot hide an empty segment) with no query or exactly
 /// `service=git-upload-pack|git-receive-pack`: the one `.git`-less git
 /// request GitLab answers (with a redirect to the `.git` path; its routes in
 /// `config/routes/git_http.rb` allow nothing else).
@@ -199,6 +203,8 @@ mod tests {
         assert!(!ok("GET", "/users/sign_in"));
         assert!(!ok("GET", "/.git/info/refs"));
         assert!(!ok("GET", "/group/.git/info/refs"));
+        assert!(!ok("POST", "/api/graphql%2F.git/git-upload-pack"));
+        assert!(!ok("GET", "/group%2F.git/info/refs"));
         assert!(!ok("GET", "/api/v4\\..\\x"));
         assert!(!ok("GET", "/api/v4/x y"));
         assert!(!ok("G ET", "/api/v4/x"));

@@ -66,7 +66,7 @@ fn normalised_path(path: &str) -> Vec<Vec<u8>> {
 
 /// Whether a request may reach GitLab: a method GitLab serves, origin form,
 /// and a path that, once decoded and normalised, is in the REST API or git
-/// smart HTTP.
+/// smart HTTP (or the `.git`-less handshake GitLab redirects).
 fn reference_allows(method: &str, target: &str) -> bool {
     let methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
     if !methods.contains(&method) {
@@ -89,7 +89,21 @@ fn reference_allows(method: &str, target: &str) -> bool {
         let lfs = s.len() > i + 3 && s[i + 1] == b"info" && s[i + 2] == b"lfs";
         repo && (smart_http || lfs)
     });
-    api || graphql || git
+    // The `.git`-less clone handshake, which GitLab answers with a redirect
+    // to the `.git` path: GET/HEAD of /<namespace>/<project>/info/refs, no
+    // query or exactly one git service.
+    let query = target.split_once('?').map(|(_, q)| q).unwrap_or("");
+    let n = s.len();
+    let gitless = (method == "GET" || method == "HEAD")
+        && n >= 4
+        && s[n - 2] == b"info"
+        && s[n - 1] == b"refs"
+        && s[..n - 2].iter().all(|seg| !seg.is_empty())
+        && matches!(
+            query,
+            "" | "service=git-upload-pack" | "service=git-receive-pack"
+        );
+    api || graphql || git || gitless
 }
 
 const AUTH_PARAMS: [&str; 7] = [
@@ -160,6 +174,8 @@ fn policy_target() -> impl Strategy<Value = String> {
         "/g/p.git/",
         "/g/p.git/info/refs",
         "/g/p.git/info/lfs/",
+        "/g/p/info/refs",
+        "/g/p/info/refs?service=git-upload-pack",
         "/",
         "",
         "//",
