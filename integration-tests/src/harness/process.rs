@@ -115,6 +115,17 @@ impl Proc {
         }
     }
 
+    /// Waits for the first raw line containing any of `needles`.
+    pub async fn wait_for_any_text(&self, needles: &[&str], timeout: Duration) -> String {
+        self.wait_until(&format!("any of {needles:?}"), timeout, |lines| {
+            lines
+                .iter()
+                .find(|l| needles.iter().any(|n| l.contains(n)))
+                .cloned()
+        })
+        .await
+    }
+
     /// Waits until `n` JSON lines match `pred`, returning the n-th.
     pub async fn wait_for_nth(
         &self,

@@ -26,7 +26,17 @@ fn free_port() -> u16 {
         .port()
 }
 
-async fn spawn(port: u16, password: Option<&str>, dir: &std::path::Path, n: usize) -> Proc {
+/// What `redis-server` logs when its port was taken between `free_port()`
+/// and its own bind (another test's process got there first).
+const PORT_TAKEN: &str = "Could not create server TCP listening socket";
+
+/// Starts `redis-server` on `port`; `None` when the port was taken.
+async fn try_spawn(
+    port: u16,
+    password: Option<&str>,
+    dir: &std::path::Path,
+    n: usize,
+) -> Option<Proc> {
     let mut cmd = Command::new("redis-server");
     cmd.arg("--port")
         .arg(port.to_string())
@@ -41,17 +51,36 @@ async fn spawn(port: u16, password: Option<&str>, dir: &std::path::Path, n: usiz
         cmd.arg("--requirepass").arg(p);
     }
     let proc = Proc::spawn(&format!("redis#{n}"), cmd);
-    proc.wait_for_text("Ready to accept connections", WAIT)
+    let line = proc
+        .wait_for_any_text(&["Ready to accept connections", PORT_TAKEN], WAIT)
         .await;
-    proc
+    (!line.contains(PORT_TAKEN)).then_some(proc)
+}
+
+async fn spawn(port: u16, password: Option<&str>, dir: &std::path::Path, n: usize) -> Proc {
+    try_spawn(port, password, dir, n)
+        .await
+        .unwrap_or_else(|| panic!("redis-server: port {port} is taken by another process"))
 }
 
 impl Redis {
     /// Starts Redis on a free port (with `requirepass` when `password` is set).
     pub async fn start(password: Option<&str>) -> Redis {
         let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
-        let proc = spawn(port, password, dir.path(), 1).await;
+        // The port is free when picked but may be taken before redis-server
+        // binds it (tests run in parallel): then pick another.
+        let mut attempt = 0;
+        let (port, proc) = loop {
+            attempt += 1;
+            let port = free_port();
+            match try_spawn(port, password, dir.path(), 1).await {
+                Some(p) => break (port, p),
+                None if attempt < 5 => continue,
+                None => {
+                    panic!("redis-server: 5 free ports in a row were taken before it bound them")
+                }
+            }
+        };
         Redis {
             proc,
             port,
