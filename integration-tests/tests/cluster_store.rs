@@ -465,15 +465,23 @@ async fn a_replica_started_while_redis_is_down_serves_the_file_and_loads_the_sto
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.json);
-    assert_eq!(
-        token_seen(&b, "acme", &up).await,
-        (200, Some(TOKEN_2.into()))
-    );
+    // Right after Redis came back empty the registry's live-replica keys are
+    // being rewritten (within its 2 s probe), so this one write may be
+    // answered before B acknowledged it (docs/architecture.md, failure
+    // cases); B must then catch up within the 2 s version poll.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let seen = token_seen(&b, "acme", &up).await;
+        if seen == (200, Some(TOKEN_2.into())) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "B never used the token written through A after Redis came back: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(readyz(&b).await, 200);
-    assert_eq!(
-        a.proc.count_message("store change not acknowledged by every replica within 2s: answering anyway; a replica that missed it reloads within 2s"),
-        0
-    );
     for p in [&a.proc, &b.proc] {
         p.assert_no_secrets(&[TOKEN_1, TOKEN_2, TOKEN_4]);
     }
