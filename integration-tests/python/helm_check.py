@@ -190,7 +190,19 @@ class Charts:
         self.broker_base = yaml.safe_load(
             (self.broker_dir / "ci" / "default-values.yaml").read_text()
         )
-        self.broker_cluster = yaml.safe_load(
+        # The chart-made cluster Secret is what the checks inspect: the peer
+        # secret and store key are generated here, never committed.
+        self.broker_cluster = deep_merge(
+            yaml.safe_load((self.broker_dir / "ci" / "cluster-values.yaml").read_text()),
+            {
+                "cluster": {
+                    "existingSecret": "",
+                    "peerSecret": base64.urlsafe_b64encode(os.urandom(24)).decode(),
+                    "storeKey": base64.b64encode(os.urandom(32)).decode(),
+                }
+            },
+        )
+        self.broker_cluster_file = yaml.safe_load(
             (self.broker_dir / "ci" / "cluster-values.yaml").read_text()
         )
 
@@ -423,7 +435,14 @@ def check_lint(c: Charts) -> None:
         ("gitproxy-agent", c.agent_dir, c.agent_base),
         ("gitproxy-broker", c.broker_dir, c.broker_base),
     ]:
-        extra = [("ci/cluster-values.yaml", c.broker_cluster)] if name == "gitproxy-broker" else []
+        extra = (
+            [
+                ("ci/cluster-values.yaml", c.broker_cluster_file),
+                ("ci/cluster-values.yaml, inline cluster secrets", c.broker_cluster),
+            ]
+            if name == "gitproxy-broker"
+            else []
+        )
         for label, values in [("chart defaults", None), ("ci/default-values.yaml", base)] + extra:
             report = helm.lint(str(path), values, kube_version="v1.29.0")
             errors = list(report.get("errors") or []) + [

@@ -12,14 +12,20 @@ use gitproxy_integration_tests::harness::redis::Redis;
 use gitproxy_integration_tests::harness::upstream::Upstream;
 use gitproxy_integration_tests::harness::{bin, client, WAIT};
 use serde_json::{json, Value};
+use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 const API_KEY: &str = "cluster-store-api-key-0123456789";
 const REDIS_PASSWORD: &str = "cluster-store-redis-pass-0123";
-const TOKEN_1: &str = "glpat-cluster-store-first-0000001";
-const TOKEN_2: &str = "glpat-cluster-store-second-000002";
-const TOKEN_3: &str = "glpat-cluster-store-third-0000003";
-const TOKEN_4: &str = "glpat-cluster-store-fourth-000004";
+/// GitLab tokens made at run time (nothing token-like is committed); the
+/// label says which one a failure is about.
+fn token(label: &str) -> String {
+    format!("testpat-{label}-{:016x}", rand::random::<u64>())
+}
+static TOKEN_1: LazyLock<String> = LazyLock::new(|| token("first"));
+static TOKEN_2: LazyLock<String> = LazyLock::new(|| token("second"));
+static TOKEN_3: LazyLock<String> = LazyLock::new(|| token("third"));
+static TOKEN_4: LazyLock<String> = LazyLock::new(|| token("fourth"));
 
 struct Answer {
     status: u16,
@@ -133,7 +139,7 @@ async fn acceptance5_writes_through_one_replica_are_used_by_the_others_at_once()
         a,
         reqwest::Method::PUT,
         "/v1/connections/acme",
-        Some(json!({"mode": "direct", "gitlab_url": up.url(), "token": TOKEN_1})),
+        Some(json!({"mode": "direct", "gitlab_url": up.url(), "token": TOKEN_1.as_str()})),
     )
     .await;
     assert_eq!(r.status, 201, "{}", r.json);
@@ -141,7 +147,7 @@ async fn acceptance5_writes_through_one_replica_are_used_by_the_others_at_once()
     for r in [b, c, a] {
         assert_eq!(
             token_seen(r, "acme", &up).await,
-            (200, Some(TOKEN_1.into()))
+            (200, Some(TOKEN_1.as_str().into()))
         );
     }
 
@@ -150,7 +156,7 @@ async fn acceptance5_writes_through_one_replica_are_used_by_the_others_at_once()
         a,
         reqwest::Method::PUT,
         "/v1/connections/acme",
-        Some(json!({"token": TOKEN_2})),
+        Some(json!({"token": TOKEN_2.as_str()})),
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.json);
@@ -158,7 +164,7 @@ async fn acceptance5_writes_through_one_replica_are_used_by_the_others_at_once()
     for r in [b, c] {
         assert_eq!(
             token_seen(r, "acme", &up).await,
-            (200, Some(TOKEN_2.into()))
+            (200, Some(TOKEN_2.as_str().into()))
         );
     }
     // A second rotation through another replica wins over the first.
@@ -166,14 +172,14 @@ async fn acceptance5_writes_through_one_replica_are_used_by_the_others_at_once()
         c,
         reqwest::Method::PUT,
         "/v1/connections/acme",
-        Some(json!({"token": TOKEN_3})),
+        Some(json!({"token": TOKEN_3.as_str()})),
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.json);
     for r in [a, b] {
         assert_eq!(
             token_seen(r, "acme", &up).await,
-            (200, Some(TOKEN_3.into()))
+            (200, Some(TOKEN_3.as_str().into()))
         );
     }
 
@@ -183,7 +189,7 @@ async fn acceptance5_writes_through_one_replica_are_used_by_the_others_at_once()
         b,
         reqwest::Method::PUT,
         "/v1/connections/tunnel",
-        Some(json!({"mode": "agent", "gitlab_url": up.url(), "token": TOKEN_4})),
+        Some(json!({"mode": "agent", "gitlab_url": up.url(), "token": TOKEN_4.as_str()})),
     )
     .await;
     assert_eq!(r.status, 201, "{}", r.json);
@@ -199,7 +205,7 @@ async fn acceptance5_writes_through_one_replica_are_used_by_the_others_at_once()
     let agent = Agent::start("cluster-store-agent", &c.agent_url(), &key, &[]).await;
     assert_eq!(
         token_seen(c, "tunnel", &up).await,
-        (200, Some(TOKEN_4.into()))
+        (200, Some(TOKEN_4.as_str().into()))
     );
 
     // Deleted through C: gone from A and B on the next request.
@@ -218,23 +224,38 @@ async fn acceptance5_writes_through_one_replica_are_used_by_the_others_at_once()
         dump.contains(&gitproxy_shared::secret::sha256_hex(key.as_bytes())),
         "{dump}"
     );
-    for secret in [TOKEN_1, TOKEN_2, TOKEN_3, TOKEN_4, key.as_str()] {
+    for secret in [
+        TOKEN_1.as_str(),
+        TOKEN_2.as_str(),
+        TOKEN_3.as_str(),
+        TOKEN_4.as_str(),
+        key.as_str(),
+    ] {
         assert!(
             !dump.contains(secret),
             "a secret is readable in Redis:\n{dump}"
         );
     }
     for r in &replicas {
-        r.proc
-            .assert_no_secrets(&[TOKEN_1, TOKEN_2, TOKEN_3, TOKEN_4, &key, REDIS_PASSWORD]);
+        r.proc.assert_no_secrets(&[
+            TOKEN_1.as_str(),
+            TOKEN_2.as_str(),
+            TOKEN_3.as_str(),
+            TOKEN_4.as_str(),
+            &key,
+            REDIS_PASSWORD,
+        ]);
         assert_eq!(
             r.proc.count_message("store change not acknowledged by every replica within 2s: answering anyway; a replica that missed it reloads within 2s"),
             0
         );
     }
-    agent
-        .proc
-        .assert_no_secrets(&[TOKEN_1, TOKEN_2, TOKEN_3, TOKEN_4]);
+    agent.proc.assert_no_secrets(&[
+        TOKEN_1.as_str(),
+        TOKEN_2.as_str(),
+        TOKEN_3.as_str(),
+        TOKEN_4.as_str(),
+    ]);
     println!(
         "propagation (write to acknowledged by all 3 replicas): created {created_us} µs, rotated {rotated_us} µs"
     );
@@ -252,7 +273,7 @@ async fn redis_down_refuses_writes_keeps_traffic_and_recovers_when_it_returns_em
         a,
         reqwest::Method::PUT,
         "/v1/connections/acme",
-        Some(json!({"mode": "direct", "gitlab_url": up.url(), "token": TOKEN_1})),
+        Some(json!({"mode": "direct", "gitlab_url": up.url(), "token": TOKEN_1.as_str()})),
     )
     .await;
     assert_eq!(r.status, 201, "{}", r.json);
@@ -263,7 +284,7 @@ async fn redis_down_refuses_writes_keeps_traffic_and_recovers_when_it_returns_em
         b,
         reqwest::Method::PUT,
         "/v1/connections/acme",
-        Some(json!({"token": TOKEN_2})),
+        Some(json!({"token": TOKEN_2.as_str()})),
     )
     .await;
     assert_eq!(r.status, 503, "{}", r.json);
@@ -283,7 +304,7 @@ async fn redis_down_refuses_writes_keeps_traffic_and_recovers_when_it_returns_em
     for r in [a, b] {
         assert_eq!(
             token_seen(r, "acme", &up).await,
-            (200, Some(TOKEN_1.into()))
+            (200, Some(TOKEN_1.as_str().into()))
         );
         let v = api(r, reqwest::Method::GET, "/v1/connections/acme", None).await;
         assert_eq!(v.status, 200, "{}", v.json);
@@ -307,7 +328,7 @@ async fn redis_down_refuses_writes_keeps_traffic_and_recovers_when_it_returns_em
         b,
         reqwest::Method::PUT,
         "/v1/connections/acme",
-        Some(json!({"token": TOKEN_2})),
+        Some(json!({"token": TOKEN_2.as_str()})),
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.json);
@@ -315,7 +336,7 @@ async fn redis_down_refuses_writes_keeps_traffic_and_recovers_when_it_returns_em
     assert!(recovered < Duration::from_secs(5), "{recovered:?}");
     assert_eq!(
         token_seen(a, "acme", &up).await,
-        (200, Some(TOKEN_2.into()))
+        (200, Some(TOKEN_2.as_str().into()))
     );
     let lost = a.proc.count_message("Redis lost the API store (gitproxy:store:version is gone: Redis restarted without persistence, or was flushed); re-seeding it from this replica's copy. Turn on Redis persistence (AOF or RDB) to keep it across restarts")
         + b.proc.count_message("Redis lost the API store (gitproxy:store:version is gone: Redis restarted without persistence, or was flushed); re-seeding it from this replica's copy. Turn on Redis persistence (AOF or RDB) to keep it across restarts");
@@ -328,7 +349,10 @@ async fn redis_down_refuses_writes_keeps_traffic_and_recovers_when_it_returns_em
     assert_eq!(seeded, 1, "exactly one replica re-seeds");
     let dump = redis.dump().await;
     assert!(dump.contains("token_sealed"), "{dump}");
-    assert!(!dump.contains(TOKEN_1) && !dump.contains(TOKEN_2), "{dump}");
+    assert!(
+        !dump.contains(TOKEN_1.as_str()) && !dump.contains(TOKEN_2.as_str()),
+        "{dump}"
+    );
     println!("recovered {recovered:?} after Redis came back");
 }
 
@@ -342,7 +366,7 @@ async fn a_replica_with_another_store_key_refuses_to_start_without_showing_a_tok
         &replicas[0],
         reqwest::Method::PUT,
         "/v1/connections/acme",
-        Some(json!({"mode": "direct", "gitlab_url": up.url(), "token": TOKEN_1})),
+        Some(json!({"mode": "direct", "gitlab_url": up.url(), "token": TOKEN_1.as_str()})),
     )
     .await;
     assert_eq!(r.status, 201, "{}", r.json);
@@ -376,7 +400,7 @@ async fn a_replica_with_another_store_key_refuses_to_start_without_showing_a_tok
                 + &String::from_utf8_lossy(&out.stdout);
             assert!(text.contains("GITPROXY_STORE_KEY_FILE"), "{text}");
             assert!(text.contains("does not decrypt"), "{text}");
-            assert!(!text.contains(TOKEN_1), "{text}");
+            assert!(!text.contains(TOKEN_1.as_str()), "{text}");
             assert!(!text.contains("v1:"), "no sealed value either: {text}");
             text
         }
@@ -394,7 +418,7 @@ async fn a_replica_with_another_store_key_refuses_to_start_without_showing_a_tok
     // The right key still works, and nothing was changed by the refused one.
     assert_eq!(
         token_seen(&replicas[0], "acme", &up).await,
-        (200, Some(TOKEN_1.into()))
+        (200, Some(TOKEN_1.as_str().into()))
     );
 }
 
@@ -414,7 +438,7 @@ async fn a_replica_started_while_redis_is_down_serves_the_file_and_loads_the_sto
     let mut redis = Redis::start(None).await;
     let files = ClusterFiles::new();
     let spec = BrokerSpec {
-        connections: vec![ConnSpec::direct("filed", &up.url()).token(TOKEN_4)],
+        connections: vec![ConnSpec::direct("filed", &up.url()).token(TOKEN_4.as_str())],
         ..spec()
     };
     let first = start_replicas(1, &spec, &BrokerOptions::default(), &redis, &files).await;
@@ -424,7 +448,7 @@ async fn a_replica_started_while_redis_is_down_serves_the_file_and_loads_the_sto
         a,
         reqwest::Method::PUT,
         "/v1/connections/acme",
-        Some(json!({"mode": "direct", "gitlab_url": up.url(), "token": TOKEN_1})),
+        Some(json!({"mode": "direct", "gitlab_url": up.url(), "token": TOKEN_1.as_str()})),
     )
     .await;
     assert_eq!(r.status, 201, "{}", r.json);
@@ -440,12 +464,12 @@ async fn a_replica_started_while_redis_is_down_serves_the_file_and_loads_the_sto
     assert_eq!(readyz(a).await, 200, "a loaded replica stays ready");
     assert_eq!(
         token_seen(&b, "filed", &up).await,
-        (200, Some(TOKEN_4.into()))
+        (200, Some(TOKEN_4.as_str().into()))
     );
     assert_eq!(token_seen(&b, "acme", &up).await.0, 404);
     assert_eq!(
         token_seen(a, "acme", &up).await,
-        (200, Some(TOKEN_1.into()))
+        (200, Some(TOKEN_1.as_str().into()))
     );
 
     // Redis is back (empty): A re-seeds it, B loads it, and a write through
@@ -461,7 +485,7 @@ async fn a_replica_started_while_redis_is_down_serves_the_file_and_loads_the_sto
         a,
         reqwest::Method::PUT,
         "/v1/connections/acme",
-        Some(json!({"token": TOKEN_2})),
+        Some(json!({"token": TOKEN_2.as_str()})),
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.json);
@@ -472,7 +496,7 @@ async fn a_replica_started_while_redis_is_down_serves_the_file_and_loads_the_sto
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
         let seen = token_seen(&b, "acme", &up).await;
-        if seen == (200, Some(TOKEN_2.into())) {
+        if seen == (200, Some(TOKEN_2.as_str().into())) {
             break;
         }
         assert!(
@@ -483,7 +507,7 @@ async fn a_replica_started_while_redis_is_down_serves_the_file_and_loads_the_sto
     }
     assert_eq!(readyz(&b).await, 200);
     for p in [&a.proc, &b.proc] {
-        p.assert_no_secrets(&[TOKEN_1, TOKEN_2, TOKEN_4]);
+        p.assert_no_secrets(&[TOKEN_1.as_str(), TOKEN_2.as_str(), TOKEN_4.as_str()]);
     }
 }
 
