@@ -26,15 +26,12 @@ pub(super) fn content_length(h: &HeaderMap) -> Option<u64> {
 }
 
 fn rewriter(state: &AppState, conn: &Connection, parts: &http::request::Parts) -> Rewriter {
-    let mut origins = vec![conn.gitlab_url.to_string()];
-    if let Some(e) = &conn.external_url {
-        origins.push(e.to_string());
-    }
+    let origins = std::iter::once(&conn.gitlab_url).chain(conn.external_url.as_ref());
     let front = match parts.extensions.get::<FrontBase>() {
         Some(b) => b.0.clone(),
         None => origin::front_base(state, &conn.id, parts),
     };
-    Rewriter::new(origins, front)
+    Rewriter::for_urls(origins, front)
 }
 
 /// Rebuilds GitLab's answer for the caller: hop-by-hop headers dropped,

@@ -23,7 +23,10 @@ struct Origin {
 
 impl Origin {
     fn parse(base: &str) -> Option<Origin> {
-        let u = Url::parse(base).ok()?;
+        Origin::of(&Url::parse(base).ok()?)
+    }
+
+    fn of(u: &Url) -> Option<Origin> {
         Some(Origin {
             host: u.host_str()?.to_string(),
             path: u.path().trim_end_matches('/').to_string(),
@@ -58,10 +61,22 @@ impl Rewriter {
     /// `origins` are GitLab base URLs (with any path prefix); `front` is the
     /// front-door base, e.g. `http://broker:8080/gitlab/acme`.
     pub fn new(origins: impl IntoIterator<Item = String>, front: String) -> Self {
-        let mut origins: Vec<Origin> = origins
-            .into_iter()
-            .filter_map(|o| Origin::parse(&o))
-            .collect();
+        Self::build(
+            origins
+                .into_iter()
+                .filter_map(|o| Origin::parse(&o))
+                .collect(),
+            front,
+        )
+    }
+
+    /// The same from the connection's already parsed URLs (per request: no
+    /// re-serialising and re-parsing).
+    pub fn for_urls<'a>(origins: impl IntoIterator<Item = &'a Url>, front: String) -> Self {
+        Self::build(origins.into_iter().filter_map(Origin::of).collect(), front)
+    }
+
+    fn build(mut origins: Vec<Origin>, front: String) -> Self {
         // Longest path first, so a base with a path prefix wins over its host.
         origins.sort_by_key(|o| std::cmp::Reverse(o.path.len()));
         origins.dedup();
