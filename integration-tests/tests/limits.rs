@@ -381,18 +381,24 @@ async fn a_slow_watcher_loses_events_and_never_slows_traffic() {
         .await
         .expect("watching")
         .into_inner();
-    // 700 requests = 1400 events, more than the buffer, with nobody reading.
+    // Events the broker can absorb without a lag: the event buffer (1024)
+    // plus what hyper pulls into the stream's HTTP/2 send buffer (up to
+    // 400 KiB) despite the closed window. A 3 KiB path makes every
+    // RequestStarted event ~3 KiB, so that send buffer holds ~130 of them;
+    // 1,500 requests = 3,000 events overflow both whatever the scheduling.
+    let long = "a".repeat(3 * 1024);
     let c = client();
     let t = Instant::now();
-    for _ in 0..700 {
+    for _ in 0..1_500 {
         let r = c
-            .get(format!("{}/api/v4/version", b.front("acme-direct")))
+            .get(format!("{}/api/v4/projects/{long}", b.front("acme-direct")))
             .send()
             .await
             .expect("answered");
-        assert_eq!(r.status(), 200);
+        // Answered by GitLab (its 404), not by a stalled broker.
+        assert_eq!(r.status(), 404);
     }
-    eprintln!("700 requests with a stalled watcher: {:?}", t.elapsed());
+    eprintln!("1,500 requests with a stalled watcher: {:?}", t.elapsed());
     // Reading now: the first event the watcher gets is not the first sent.
     let first = tokio::time::timeout(WAIT, watch.message())
         .await
