@@ -118,6 +118,8 @@ impl ErrorCode {
         match self {
             ErrorCode::AgentNotConnected => Some(5),
             ErrorCode::Overloaded => Some(1),
+            // Redis restarting or failing over: writes come back in seconds.
+            ErrorCode::StoreUnavailable => Some(5),
             _ => None,
         }
     }

@@ -12,7 +12,7 @@
 
 use axum::body::Body;
 use axum::response::IntoResponse;
-use gitproxy_shared::errors::GitproxyError;
+use gitproxy_shared::errors::{ErrorCode, GitproxyError};
 use http::{HeaderValue, Response, StatusCode};
 
 /// An error answer of the API.
@@ -94,8 +94,9 @@ impl IntoResponse for ApiError {
         if let Ok(v) = HeaderValue::from_str(&self.code) {
             h.insert("x-gitproxy-error", v);
         }
-        if self.code == "agent_not_connected" {
-            h.insert(http::header::RETRY_AFTER, HeaderValue::from(5));
+        // The API's own codes parse as `Internal`, which has no Retry-After.
+        if let Some(s) = ErrorCode::parse(&self.code).retry_after_secs() {
+            h.insert(http::header::RETRY_AFTER, HeaderValue::from(s));
         }
         r
     }

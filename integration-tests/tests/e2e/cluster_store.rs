@@ -30,6 +30,7 @@ static TOKEN_4: LazyLock<String> = LazyLock::new(|| token("fourth"));
 struct Answer {
     status: u16,
     error: Option<String>,
+    retry_after: Option<String>,
     json: Value,
 }
 
@@ -51,10 +52,15 @@ async fn api(b: &Broker, method: reqwest::Method, path: &str, body: Option<Value
         .headers()
         .get("x-gitproxy-error")
         .map(|v| v.to_str().unwrap().to_string());
+    let retry_after = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .map(|v| v.to_str().unwrap().to_string());
     let text = resp.text().await.unwrap();
     Answer {
         status,
         error,
+        retry_after,
         json: serde_json::from_str(&text).unwrap_or(Value::Null),
     }
 }
@@ -290,6 +296,8 @@ async fn redis_down_refuses_writes_keeps_traffic_and_recovers_when_it_returns_em
     assert_eq!(r.status, 503, "{}", r.json);
     assert_eq!(r.error.as_deref(), Some("store_unavailable"));
     assert_eq!(r.json["error"], "store_unavailable");
+    // A client may come back by itself: Redis restarts in seconds.
+    assert_eq!(r.retry_after.as_deref(), Some("5"));
     assert!(
         r.json["hint"].as_str().unwrap().contains("Redis"),
         "{}",
