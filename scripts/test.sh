@@ -54,10 +54,18 @@ else
     scope=(--workspace)
 fi
 
+# What the workspace defines (this also compiles the test binaries): a
+# binary that does not run, or a test that vanishes, fails the summary below.
+section "cargo test --release ${scope[*]} -- --list"
+listed=$(cargo test --release "${scope[@]}" -- --list | grep -c ': test$' || true)
+log "$listed tests defined"
+
 test_log=$(mktemp "${TMPDIR:-/tmp}/gitproxy-test.XXXXXX")
 trap 'rm -f "$test_log"' EXIT
 status=0
+runner=cargo
 if [ "${GITPROXY_TEST_RUNNER:-cargo}" = nextest ] && cargo nextest --version >/dev/null 2>&1; then
+    runner=nextest
     section "cargo nextest run --release ${scope[*]}"
     cargo nextest run --release "${scope[@]}" 2>&1 | tee "$test_log" || status=$?
 else
@@ -67,6 +75,10 @@ fi
 
 section "summary"
 # Sum the "test result:" lines of every test binary (cargo test's format).
+ran=$(awk '/^test result:/ {
+        for (i = 1; i <= NF; i++) if ($(i+1) ~ /^(passed|failed|ignored);?$/) t += $i
+     }
+     END { print t + 0 }' "$test_log")
 awk '/^test result:/ {
         for (i = 1; i <= NF; i++) {
             if ($(i+1) ~ /^passed;?$/)  p += $i
@@ -77,6 +89,10 @@ awk '/^test result:/ {
      }
      END { if (n) printf "    %d test binaries: %d passed, %d failed, %d ignored\n", n, p, f, g }' "$test_log"
 elapsed=$(( $(date +%s) - GITPROXY_SCRIPT_START ))
+if [ "$status" -eq 0 ] && [ "$runner" = cargo ] && [ "$ran" -ne "$listed" ]; then
+    printf '\033[31mFAILED\033[0m: %s tests are defined but %s ran\n' "$listed" "$ran"
+    status=1
+fi
 if [ "$status" -ne 0 ]; then
     printf '\033[31mFAILED\033[0m: tests failed (exit %s) after %ss\n' "$status" "$elapsed"
     exit "$status"

@@ -60,7 +60,13 @@ struct Shared {
     dropped: mpsc::Sender<Instant>,
     busy: AtomicUsize,
     peak: Arc<AtomicUsize>,
+    /// `/api/v4/bytes?hold_until=N` requests that have arrived so far.
+    held: AtomicUsize,
+    held_changed: tokio::sync::Notify,
 }
+
+/// How long a `hold_until` request waits for the others.
+const HOLD_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Size of the `/api/v4/json1k` body.
 pub const JSON1K_LEN: usize = 1024;
@@ -224,6 +230,31 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
             r
         }
         ("GET", "/api/v4/bytes") => {
+            // `hold_until=N`: answer only once N such requests are here at
+            // the same time (a 504 after HOLD_LIMIT says how many came), so
+            // a 200 proves N requests were in flight at once.
+            if let Some(want) = query(&req, "hold_until").and_then(|v| v.parse::<usize>().ok()) {
+                let here = shared.held.fetch_add(1, Ordering::SeqCst) + 1;
+                shared.peak.fetch_max(here, Ordering::Relaxed);
+                shared.held_changed.notify_waiters();
+                let all_here = async {
+                    loop {
+                        // Created before the check: notify_waiters reaches it.
+                        let changed = shared.held_changed.notified();
+                        if shared.held.load(Ordering::SeqCst) >= want {
+                            return;
+                        }
+                        changed.await;
+                    }
+                };
+                if tokio::time::timeout(HOLD_LIMIT, all_here).await.is_err() {
+                    let came = shared.held.load(Ordering::SeqCst);
+                    return Ok(full(
+                        504,
+                        format!(r#"{{"error":"only {came} of {want} requests arrived together"}}"#),
+                    ));
+                }
+            }
             let n: u64 = query(&req, "n").and_then(|v| v.parse().ok()).unwrap_or(0);
             let seed: u64 = query(&req, "seed")
                 .and_then(|v| v.parse().ok())
@@ -348,6 +379,8 @@ impl Upstream {
             dropped: tx,
             busy: AtomicUsize::new(0),
             peak: peak.clone(),
+            held: AtomicUsize::new(0),
+            held_changed: tokio::sync::Notify::new(),
         });
         let stop = CancellationToken::new();
         let stop2 = stop.clone();
@@ -381,8 +414,9 @@ impl Upstream {
         }
     }
 
-    /// The most `/api/v4/json1k` requests answered at once since the last
-    /// call (the gauge is reset).
+    /// The most `/api/v4/json1k` requests answered at once, or the most
+    /// `/api/v4/bytes?hold_until=` requests held at once, since the last call
+    /// (the gauge is reset).
     pub fn peak_concurrent(&self) -> usize {
         self.peak.swap(0, Ordering::Relaxed)
     }

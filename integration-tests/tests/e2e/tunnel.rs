@@ -154,14 +154,15 @@ async fn bulk_upload_is_byte_exact_with_flat_memory() {
 /// Acceptance 2: 500 requests in flight at once over one agent stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_concurrent_requests() {
-    let (_up, broker, agents) = setup(1).await;
+    let (up, broker, agents) = setup(1).await;
     let c = client();
     let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(500));
     let mut tasks = Vec::new();
     for i in 0..500u64 {
         let (c, b) = (c.clone(), barrier.clone());
+        // GitLab answers none before all 500 are there at once.
         let url = format!(
-            "{}/api/v4/bytes?n={}&seed={i}",
+            "{}/api/v4/bytes?n={}&seed={i}&hold_until=500",
             broker.front("acme"),
             1000 + i * 37
         );
@@ -183,6 +184,7 @@ async fn five_hundred_concurrent_requests() {
     for t in tasks {
         t.await.expect("request task");
     }
+    assert_eq!(up.peak_concurrent(), 500, "requests at GitLab at once");
     // Every request has one log line at the agent (written just after End).
     agents[0]
         .proc
