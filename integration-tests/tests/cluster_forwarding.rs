@@ -7,14 +7,14 @@ use bytes::Bytes;
 use futures::StreamExt;
 use gitproxy_integration_tests::harness::agent::Agent;
 use gitproxy_integration_tests::harness::broker::{Broker, BrokerSpec, ConnSpec};
-use gitproxy_integration_tests::harness::cluster::{start_replicas, ClusterFiles, PEER_SECRET};
+use gitproxy_integration_tests::harness::cluster::{
+    peer_addr, start_replicas, ClusterFiles, PEER_SECRET,
+};
 use gitproxy_integration_tests::harness::pattern::{Pattern, Verifier};
 use gitproxy_integration_tests::harness::redis::Redis;
 use gitproxy_integration_tests::harness::upstream::Upstream;
-use gitproxy_integration_tests::harness::{client, WAIT};
+use gitproxy_integration_tests::harness::{client, until, WAIT};
 use serde_json::Value;
-use std::future::Future;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 const KEY: &str = "cluster-access-key-0123456789abcdef";
@@ -26,37 +26,6 @@ fn bulk_bytes() -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1 << 30)
-}
-
-/// Waits until `check` returns `Some`, asking again every 50 ms, for at
-/// most `limit` (a state reached, not a fixed delay).
-async fn until<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// The peer listener's address, from its `listening` line.
-async fn peer_addr(b: &Broker) -> SocketAddr {
-    let v = b
-        .proc
-        .wait_for_nth(1, WAIT, |v| {
-            v["message"] == "listening" && v["listener"] == "peer"
-        })
-        .await;
-    v["addr"].as_str().expect("addr").parse().expect("addr")
 }
 
 /// The replicas `GET /v1/connections/{conn}` on `b` names for the agents.
@@ -118,12 +87,19 @@ struct Cluster {
 /// Redis, an upstream, `n` replicas serving connection `acme` (agent mode)
 /// with `--replica-header`.
 async fn cluster(n: usize) -> Cluster {
+    cluster_with(n, &[]).await
+}
+
+/// [`cluster`] with extra broker arguments.
+async fn cluster_with(n: usize, extra: &[&str]) -> Cluster {
     let redis = Redis::start(None).await;
     let up = Upstream::start().await;
     let files = ClusterFiles::new();
+    let mut args = vec!["--replica-header".to_string()];
+    args.extend(extra.iter().map(|a| a.to_string()));
     let spec = BrokerSpec {
         connections: vec![ConnSpec::agent("acme", &up.url(), KEY).token(TOKEN)],
-        args: vec!["--replica-header".into()],
+        args,
         ..Default::default()
     };
     let replicas = start_replicas(n, &spec, &Default::default(), &redis, &files).await;
@@ -347,10 +323,11 @@ async fn peer_listener_requires_the_secret_and_never_forwards_again() {
 /// error, never a clean short end); a request waiting for its head gets 502
 /// `agent_disconnected`; once r0's registry key expired the answer is 503
 /// `agent_not_connected` at once; an agent on another replica restores
-/// service.
+/// service. The registry TTL is the shortest allowed (3 s), so the expiry
+/// comes within seconds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn owner_killed_mid_request() {
-    let mut c = cluster(3).await;
+    let mut c = cluster_with(3, &["--registry-ttl", "3s"]).await;
     let agent = Agent::start("agent-0", &c.replicas[0].agent_url(), KEY, &[]).await;
     wait_view(&c.replicas[1], "acme", &["r0"]).await;
     let http = client();
@@ -414,7 +391,7 @@ async fn owner_killed_mid_request() {
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     until(
         "r0's replica key to expire",
-        Duration::from_secs(45),
+        Duration::from_secs(10),
         || async {
             (c.redis.cli(&["exists", "gitproxy:replica:r0"]).await.trim() == "0").then_some(())
         },

@@ -9,6 +9,10 @@
 //!   replicas; a request that could not be delivered (connection refused,
 //!   closed before any answer) is sent to another replica, as Kubernetes
 //!   Services with an ingress in front do.
+//!
+//! A connection attempt that fails (a replica stopped or restarting) is
+//! retried on another replica at once (`option redispatch 1`), not after
+//! HAProxy's one-second turn-around on the same one.
 
 use super::process::Proc;
 use super::WAIT;
@@ -57,7 +61,7 @@ pub fn config(mode: Mode, port: u16, backends: &[Backend]) -> String {
     let mut c = String::from(
         "global\n  log stdout format raw local0 info\n  maxconn 4000\n\n\
          defaults\n  log global\n  timeout connect 2s\n  timeout client 1h\n  timeout server 1h\n  \
-         timeout check 1s\n  retries 3\n  option redispatch\n",
+         timeout check 1s\n  retries 3\n  option redispatch 1\n",
     );
     match mode {
         Mode::Tcp => c.push_str("  mode tcp\n  option tcplog\n"),
