@@ -24,7 +24,7 @@ use gitproxy_integration_tests::harness::broker::{Broker, BrokerSpec, ConnSpec};
 use gitproxy_integration_tests::harness::cluster::{
     peer_addr, start_replicas, ClusterFiles, PEER_SECRET,
 };
-use gitproxy_integration_tests::harness::haproxy::{Backend, Haproxy, Mode};
+use gitproxy_integration_tests::harness::haproxy::{agent_backends, api_backends, Haproxy, Mode};
 use gitproxy_integration_tests::harness::pattern::{Pattern, Verifier};
 use gitproxy_integration_tests::harness::redis::Redis;
 use gitproxy_integration_tests::harness::upstream::Upstream;
@@ -364,18 +364,6 @@ async fn wait_back_in(lb: &Haproxy, server: &str) {
     .await
 }
 
-fn backends(replicas: &[Broker], agent_side: bool) -> Vec<Backend> {
-    replicas
-        .iter()
-        .enumerate()
-        .map(|(i, b)| Backend {
-            name: format!("r{i}"),
-            addr: if agent_side { b.agent_addr } else { b.api_addr },
-            health: b.api_addr,
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_restart_loses_nothing_then_owner_killed() {
     gitproxy_integration_tests::harness::init();
@@ -417,8 +405,8 @@ async fn rolling_restart_loses_nothing_then_owner_killed() {
         ..Default::default()
     };
     let mut replicas = start_replicas(3, &spec, &Default::default(), &redis, &files).await;
-    let lb_agents = Haproxy::start(Mode::Tcp, &backends(&replicas, true)).await;
-    let lb_api = Haproxy::start(Mode::Http, &backends(&replicas, false)).await;
+    let lb_agents = Haproxy::start(Mode::Tcp, &agent_backends(&replicas)).await;
+    let lb_api = Haproxy::start(Mode::Http, &api_backends(&replicas)).await;
     let agents = [
         Agent::start("agent-acme", &lb_agents.url(), KEY_ACME, &[]).await,
         Agent::start("agent-git", &lb_agents.url(), KEY_GIT, &[]).await,

@@ -14,6 +14,7 @@
 //! retried on another replica at once (`option redispatch 1`), not after
 //! HAProxy's one-second turn-around on the same one.
 
+use super::broker::Broker;
 use super::process::Proc;
 use super::WAIT;
 use std::net::SocketAddr;
@@ -46,6 +47,30 @@ pub struct Haproxy {
     /// Where clients connect.
     pub addr: SocketAddr,
     _dir: tempfile::TempDir,
+}
+
+/// The agent listeners of `replicas` (named `r0`, `r1`, ...), each checked
+/// through its `/readyz`: for a [`Mode::Tcp`] balancer agents dial.
+pub fn agent_backends(replicas: &[Broker]) -> Vec<Backend> {
+    backends(replicas, |b| b.agent_addr)
+}
+
+/// The api listeners of `replicas` (named `r0`, `r1`, ...): for a
+/// [`Mode::Http`] balancer callers go through.
+pub fn api_backends(replicas: &[Broker]) -> Vec<Backend> {
+    backends(replicas, |b| b.api_addr)
+}
+
+fn backends(replicas: &[Broker], addr: impl Fn(&Broker) -> SocketAddr) -> Vec<Backend> {
+    replicas
+        .iter()
+        .enumerate()
+        .map(|(i, b)| Backend {
+            name: format!("r{i}"),
+            addr: addr(b),
+            health: b.api_addr,
+        })
+        .collect()
 }
 
 fn free_port() -> u16 {
