@@ -43,10 +43,11 @@ const KEY_GIT: &str = "testpat-rolling-git-key-0123456789a";
 const TOKEN_ACME: &str = "testpat-rolling-acme-token-012345";
 const TOKEN_GIT: &str = "testpat-rolling-git-token-0123456";
 const VERSION_BODY: &str = r#"{"version":"17.5.0","revision":"test"}"#;
-/// REST workers and the period of each: 6 × 1/60 ms = 100 requests/s
-/// offered (git clones come on top).
-const WORKERS: usize = 6;
-const PERIOD: Duration = Duration::from_millis(60);
+/// REST workers and the period of each: 8 × 1/80 ms = 100 requests/s
+/// offered (git clones come on top); 50/s still holds on a loaded machine
+/// where a request takes 150 ms on average.
+const WORKERS: usize = 8;
+const PERIOD: Duration = Duration::from_millis(80);
 /// Size of the file in the cloned repository.
 const BLOB_BYTES: usize = 256 * 1024;
 /// Registry key lifetime of the replicas (the shortest allowed).
@@ -440,11 +441,13 @@ async fn rolling_restart_loses_nothing_then_owner_killed() {
     )));
     load_progress(&tally, 0, 100).await;
     for i in 0..3 {
-        // Large downloads in flight when the replica is stopped: one it
-        // serves itself, one sent to the next replica (forwarded to the
-        // agent, wherever it is).
+        // r1: large downloads in flight when it is stopped, one it serves
+        // itself, one sent to the next replica (forwarded to the agent,
+        // wherever it is). r0 and r2: no request of their own lasts, so
+        // their api drain ends at once, before their agents' successors are
+        // registered elsewhere (the race the handover wait closes).
         let mut in_flight = Vec::new();
-        for (n, j) in [i, (i + 1) % 3].into_iter().enumerate() {
+        for (n, j) in [i, (i + 1) % 3].into_iter().enumerate().filter(|_| i == 1) {
             let seed = 2_000_000 + (i * 2 + n) as u64;
             in_flight.push(big_download(replicas[j].front("acme"), seed).await);
         }
