@@ -223,6 +223,14 @@ pub async fn run(
     agent_health
         .set_not_serving::<TunnelServer<TunnelService>>()
         .await;
+    // Cluster mode: wait for the agents to move before the peer listener
+    // stops (see `wait_for_handover`).
+    if cluster_tasks.is_some() {
+        let left = grace
+            .saturating_sub(drain_started.elapsed())
+            .min(HANDOVER_WAIT);
+        wait_for_handover(&state, left).await;
+    }
     // Requests other replicas forwarded here finish on the local agents
     // with what is left of the grace period.
     let cluster_tasks = match cluster_tasks {
@@ -245,6 +253,44 @@ pub async fn run(
     }
     info!("gitproxy-broker stopped");
     Ok(())
+}
+
+/// Cluster mode: the longest a stopping replica waits for its drained
+/// agents to close their streams here (an agent that finds no other
+/// replica, e.g. the last one of a cluster shutting down, keeps its stream).
+const HANDOVER_WAIT: Duration = Duration::from_secs(10);
+
+/// Cluster mode, after the api listener drained: waits (at most `limit`)
+/// until every agent stream held here is closed. Each drained agent opens
+/// its successor on another replica first (through the load balancer) and
+/// closes its stream here once that one is connected and this one idle.
+/// Until then the other replicas may still see only this replica's
+/// (draining) streams in the registry and forward here; closing the peer
+/// listener or the streams earlier would leave those requests with no
+/// agent at all (`agent_not_connected` in the middle of a rolling restart).
+async fn wait_for_handover(state: &AppState, limit: Duration) {
+    let sessions: Vec<_> = state
+        .registry
+        .all()
+        .into_iter()
+        .filter(|s| !s.is_closed())
+        .collect();
+    if sessions.is_empty() {
+        return;
+    }
+    info!(
+        streams = sessions.len(),
+        "waiting for the drained agents to move to another replica"
+    );
+    let all_closed = futures::future::join_all(sessions.iter().map(|s| s.wait_closed()));
+    match tokio::time::timeout(limit, all_closed).await {
+        Ok(_) => info!("every agent stream held here is closed"),
+        Err(_) => warn!(
+            left = sessions.iter().filter(|s| !s.is_closed()).count(),
+            "agents still connected here after {}s; closing their streams",
+            limit.as_secs_f64()
+        ),
+    }
 }
 
 /// The background parts of cluster mode.

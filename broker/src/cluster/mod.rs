@@ -71,6 +71,7 @@ impl Cluster {
             redis.clone(),
             &settings.replica_id,
             &advertise,
+            settings.registry_ttl,
         ));
         let peers = peer::client::PeerClient::new(&settings.peer_secret, &settings.replica_id)?;
         Ok(Arc::new(Cluster {

@@ -3,8 +3,9 @@
 //! one that does.
 //!
 //! Keys (all under `gitproxy:`; see docs/architecture.md, "Cluster mode"):
-//! - `gitproxy:replica:{id}`: JSON `{"peer", "started"}`, TTL [`REPLICA_TTL`],
-//!   refreshed every [`REFRESH_EVERY`]. A replica is *live* while it exists.
+//! - `gitproxy:replica:{id}`: JSON `{"peer", "started"}`, TTL `--registry-ttl`
+//!   ([`DEFAULT_REPLICA_TTL`]), refreshed every third of it. A replica is
+//!   *live* while it exists.
 //! - `gitproxy:replicas`: set of the replica ids registered (dead ones are
 //!   removed by whoever notices).
 //! - `gitproxy:agents:{connection}`: hash, field `{replica}/{session_no}`,
@@ -18,7 +19,7 @@
 //! when a stream opens, closes or starts draining; one task ([`run`]) writes
 //! the difference between what it holds and what it last wrote, pipelined.
 //! Entries carry no TTL of their own: they live as long as the replica key,
-//! so upkeep costs one `SET` (and one `SADD`) per [`REFRESH_EVERY`] and one
+//! so upkeep costs one `SET` (and one `SADD`) per refresh and one
 //! `EXISTS` per [`PROBE_EVERY`] per replica, whatever the number of agents.
 //!
 //! Reading ([`ClusterRegistry::lookup`]): the hash, then the replica keys of
@@ -51,11 +52,11 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-/// Lifetime of a replica key without refresh: a replica that stops
-/// refreshing (killed, partitioned) is dead this long after its last refresh.
-pub const REPLICA_TTL: Duration = Duration::from_secs(30);
-/// How often a replica refreshes its key.
-pub const REFRESH_EVERY: Duration = Duration::from_secs(10);
+/// Default lifetime of a replica key without refresh (`--registry-ttl`): a
+/// replica that stops refreshing (killed, partitioned) is dead this long
+/// after its last refresh. A replica refreshes every third of its TTL, so
+/// two refreshes in a row may fail before its key expires.
+pub const DEFAULT_REPLICA_TTL: Duration = Duration::from_secs(30);
 /// How often a replica checks, between refreshes, that its key is still
 /// there (a restarted, empty Redis): the bound on re-registering after Redis
 /// comes back.
@@ -142,6 +143,8 @@ pub struct ClusterRegistry {
     /// Our replica key's value.
     info: String,
     started: SystemTime,
+    /// Lifetime of our replica key without a refresh.
+    ttl: Duration,
     cache: Mutex<HashMap<String, Cached>>,
     /// Bumped by every invalidation: a lookup that started before one does
     /// not fill the cache with what it read.
@@ -164,8 +167,9 @@ fn parse_time(s: &str) -> Option<SystemTime> {
 
 impl ClusterRegistry {
     /// The registry of replica `replica_id`, reachable by the other
-    /// replicas at `peer` (host:port).
-    pub fn new(redis: RedisHandle, replica_id: &str, peer: &str) -> Self {
+    /// replicas at `peer` (host:port), whose key lives `ttl` without a
+    /// refresh (whole seconds; Redis expires with that granularity).
+    pub fn new(redis: RedisHandle, replica_id: &str, peer: &str, ttl: Duration) -> Self {
         let started = SystemTime::now();
         let info = serde_json::to_string(&ReplicaInfo {
             peer: peer.to_string(),
@@ -177,6 +181,7 @@ impl ClusterRegistry {
             replica_id: replica_id.to_string(),
             info,
             started,
+            ttl: ttl.max(Duration::from_secs(1)),
             cache: Mutex::new(HashMap::new()),
             epoch: AtomicU64::new(0),
             commands: AtomicU64::new(0),
@@ -185,6 +190,16 @@ impl ClusterRegistry {
             cleaning: Arc::new(AtomicBool::new(false)),
             registered: AtomicU64::new(0),
         }
+    }
+
+    /// How often our replica key is refreshed: a third of its TTL.
+    pub fn refresh_every(&self) -> Duration {
+        self.ttl / 3
+    }
+
+    /// Lifetime of our replica key without a refresh.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
     }
 
     /// This replica's id.
@@ -273,6 +288,9 @@ impl ClusterRegistry {
         let mut registered_once = false;
         let mut last_refresh: Option<Instant> = None;
         let mut next_check = tokio::time::Instant::now();
+        let refresh_every = self.refresh_every();
+        // With a short TTL the refresh comes more often than the probe.
+        let check_every = PROBE_EVERY.min(refresh_every);
         loop {
             let check = tokio::select! {
                 _ = stop.cancelled() => break,
@@ -280,7 +298,7 @@ impl ClusterRegistry {
                 _ = tokio::time::sleep_until(next_check) => true,
             };
             if check {
-                let refresh = !ok || last_refresh.is_none_or(|t| t.elapsed() >= REFRESH_EVERY);
+                let refresh = !ok || last_refresh.is_none_or(|t| t.elapsed() >= refresh_every);
                 let r = if refresh {
                     self.refresh(registered_once).await
                 } else {
@@ -300,7 +318,7 @@ impl ClusterRegistry {
                             full = true;
                         }
                         ok = true;
-                        next_check = tokio::time::Instant::now() + PROBE_EVERY;
+                        next_check = tokio::time::Instant::now() + check_every;
                     }
                     Err(e) => {
                         self.failed("refreshing this replica's key", &e);
@@ -361,7 +379,7 @@ impl ClusterRegistry {
             .arg(replica_key(&self.replica_id))
             .arg(&self.info)
             .arg("EX")
-            .arg(REPLICA_TTL.as_secs())
+            .arg(self.ttl.as_secs())
             .arg("GET")
             .cmd("SADD")
             .arg(REPLICAS_KEY)

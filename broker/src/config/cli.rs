@@ -158,6 +158,11 @@ pub struct ServeArgs {
     /// `X-Gitproxy-Replica` naming the replica that served it (debugging).
     #[arg(long, env = "GITPROXY_REPLICA_HEADER")]
     pub replica_header: bool,
+    /// Cluster mode: lifetime of this replica's registry key without a
+    /// refresh (refreshed every third of it): how long a dead replica's
+    /// agent streams may still be read. At least 3s.
+    #[arg(long, env = "GITPROXY_REGISTRY_TTL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub registry_ttl: Duration,
     /// Per-request receive window in bytes (memory bound per response body).
     #[arg(long, env = "GITPROXY_WINDOW_BYTES", default_value_t = gitproxy_shared::tunnel::FlowSettings::default().window_bytes, hide = true)]
     pub window_bytes: u32,

@@ -7,6 +7,12 @@ use gitproxy_shared::secret::redact_url;
 use gitproxy_shared::Secret;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The shortest `--registry-ttl`: Redis expires keys with second
+/// granularity, and a refresh every third of it must not fire more often
+/// than once a second.
+pub const MIN_REGISTRY_TTL: Duration = Duration::from_secs(3);
 
 /// Length of the key that encrypts tokens at rest in Redis.
 pub const STORE_KEY_BYTES: usize = 32;
@@ -31,6 +37,8 @@ pub struct ClusterSettings {
     /// Whether front-door answers name the replica that served them
     /// (`X-Gitproxy-Replica`).
     pub replica_header: bool,
+    /// Lifetime of this replica's registry key without a refresh.
+    pub registry_ttl: Duration,
 }
 
 /// What the command line says about cluster mode.
@@ -52,6 +60,8 @@ pub struct ClusterArgs {
     pub replica_id: Option<String>,
     /// `--replica-header`.
     pub replica_header: bool,
+    /// `--registry-ttl` (zero in `Default`: the default is clap's).
+    pub registry_ttl: Duration,
 }
 
 fn read_secret_file(path: &Path, what: &str) -> anyhow::Result<String> {
@@ -187,6 +197,12 @@ impl ClusterSettings {
             Some(_) => bail!("--replica-id must be 1 to 64 letters, digits, '-', '.' or '_'"),
             None => default_replica_id(),
         };
+        if a.registry_ttl < MIN_REGISTRY_TTL || a.registry_ttl.subsec_nanos() != 0 {
+            bail!(
+                "--registry-ttl must be a whole number of seconds, at least {}s",
+                MIN_REGISTRY_TTL.as_secs()
+            );
+        }
         Ok(Some(ClusterSettings {
             redis_url,
             redis_password,
@@ -196,6 +212,7 @@ impl ClusterSettings {
             store_key: Secret::new(hex::encode(store_key)),
             replica_id,
             replica_header: a.replica_header,
+            registry_ttl: a.registry_ttl,
         }))
     }
 
@@ -217,6 +234,7 @@ mod tests {
             peer_listen: Some("127.0.0.1:8444".into()),
             peer_secret_file: Some(dir.join("peer")),
             store_key_file: Some(dir.join("key")),
+            registry_ttl: Duration::from_secs(30),
             ..ClusterArgs::default()
         }
     }
@@ -255,6 +273,15 @@ mod tests {
         a.store_key_file = Some(dir.path().join("short"));
         let e = ClusterSettings::load(a).unwrap_err().to_string();
         assert!(!e.contains("abc"), "{e}");
+        let mut a = files(dir.path());
+        a.registry_ttl = Duration::from_secs(2);
+        assert!(ClusterSettings::load(a).is_err());
+        let mut a = files(dir.path());
+        a.registry_ttl = Duration::from_millis(3500);
+        assert!(ClusterSettings::load(a).is_err());
+        let mut a = files(dir.path());
+        a.registry_ttl = Duration::from_secs(3);
+        assert!(ClusterSettings::load(a).is_ok());
         assert!(ClusterSettings::load(ClusterArgs {
             peer_listen: Some("127.0.0.1:1".into()),
             ..ClusterArgs::default()

@@ -182,6 +182,7 @@ impl BrokerConfig {
             store_key_file: a.store_key_file.clone(),
             replica_id: a.replica_id.clone(),
             replica_header: a.replica_header,
+            registry_ttl: a.registry_ttl,
         })?;
         if a.heartbeat_timeout < a.heartbeat_interval * 2 {
             bail!("--heartbeat-timeout must be at least twice --heartbeat-interval");

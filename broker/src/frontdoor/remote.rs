@@ -268,7 +268,7 @@ pub async fn forward(
                             conn.id, target.replica
                         ),
                     )
-                    .with_hint("The replica the agent is connected to does not answer (stopped, or the network between replicas is cut); the agent reconnects to another replica, and its registry entries expire within 30 s. Check --peer-advertise and the peer port between replicas."),
+                    .with_hint("The replica the agent is connected to does not answer (stopped, or the network between replicas is cut); the agent reconnects to another replica, and its registry entries expire within the registry TTL (--registry-ttl, 30 s by default). Check --peer-advertise and the peer port between replicas."),
                 );
                 continue;
             }

@@ -217,6 +217,11 @@ impl AgentSession {
         self.closed.is_cancelled()
     }
 
+    /// Waits until the stream is gone (however it ends).
+    pub async fn wait_closed(&self) {
+        self.closed.cancelled().await
+    }
+
     /// Ends the stream now (accessKey rotated, connection deleted, shutdown).
     pub fn close(&self) {
         self.closed.cancel();

@@ -5,6 +5,7 @@ use super::process::Proc;
 use super::{bin, WAIT};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 use tokio::process::Command;
 
 /// A connection of the test configuration.
@@ -139,14 +140,28 @@ fn text_listening_addr(line: &str) -> Option<SocketAddr> {
         .and_then(|a| a.parse().ok())
 }
 
-async fn spawn(
+/// What the broker logs when a listener address is taken.
+const BIND_FAILED: &str = "cannot bind";
+
+/// The end of a start whose listener address was taken.
+fn taken(p: Proc) -> (SocketAddr, Proc, SocketAddr) {
+    panic!(
+        "{}: a listener address is taken: {:?}",
+        p.name,
+        p.lines().last()
+    )
+}
+
+/// Starts the broker; `Err` (with the exited process) when one of its
+/// listener addresses is taken.
+async fn try_spawn(
     spec: &BrokerSpec,
     opts: &BrokerOptions,
     dir: &std::path::Path,
     agent: &str,
     api: &str,
     n: usize,
-) -> (SocketAddr, Proc, SocketAddr) {
+) -> Result<(SocketAddr, Proc, SocketAddr), Proc> {
     let cfg = dir.join("broker.toml");
     std::fs::write(&cfg, toml_for(spec)).expect("write broker.toml");
     let mut cmd = Command::new(bin("gitproxy-broker"));
@@ -180,17 +195,26 @@ async fn spawn(
     let proc = Proc::spawn(&format!("broker#{n}"), cmd);
     if opts.text_log {
         let agent = proc
-            .wait_for_text("listening listener=\"agent\"", WAIT)
+            .wait_for_any_text(&["listening listener=\"agent\"", BIND_FAILED], WAIT)
             .await;
+        if agent.contains(BIND_FAILED) {
+            return Err(proc);
+        }
         let api = proc.wait_for_text("listening listener=\"api\"", WAIT).await;
         let parse = |l: &str| text_listening_addr(l).expect("addr in the listening line");
-        return (parse(&agent), proc, parse(&api));
+        return Ok((parse(&agent), proc, parse(&api)));
     }
     let a = proc
         .wait_for_nth(1, WAIT, |v| {
-            v["message"] == "listening" && v["listener"] == "agent"
+            (v["message"] == "listening" && v["listener"] == "agent")
+                || v["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with(BIND_FAILED))
         })
         .await;
+    if a["message"] != "listening" {
+        return Err(proc);
+    }
     let b = proc
         .wait_for_nth(1, WAIT, |v| {
             v["message"] == "listening" && v["listener"] == "api"
@@ -203,7 +227,7 @@ async fn spawn(
             .parse::<SocketAddr>()
             .expect("addr")
     };
-    (parse(&a), proc, parse(&b))
+    Ok((parse(&a), proc, parse(&b)))
 }
 
 impl Broker {
@@ -216,7 +240,9 @@ impl Broker {
     pub async fn start_with(spec: BrokerSpec, opts: BrokerOptions) -> Broker {
         let dir = tempfile::tempdir().expect("tempdir");
         let (agent_addr, proc, api_addr) =
-            spawn(&spec, &opts, dir.path(), "127.0.0.1:0", "127.0.0.1:0", 1).await;
+            try_spawn(&spec, &opts, dir.path(), "127.0.0.1:0", "127.0.0.1:0", 1)
+                .await
+                .unwrap_or_else(taken);
         Broker {
             proc,
             agent_addr,
@@ -232,7 +258,7 @@ impl Broker {
     pub async fn restart(&mut self) {
         self.proc.kill9().await;
         self.starts += 1;
-        let (a, p, b) = spawn(
+        let (a, p, b) = try_spawn(
             &self.spec,
             &self.opts,
             self.dir.path(),
@@ -240,9 +266,67 @@ impl Broker {
             &self.api_addr.to_string(),
             self.starts,
         )
-        .await;
+        .await
+        .unwrap_or_else(taken);
         assert_eq!((a, b), (self.agent_addr, self.api_addr));
         self.proc = p;
+    }
+
+    /// Stops the broker as an orchestrator does (SIGTERM: its drain) and
+    /// waits for it to exit.
+    pub async fn terminate(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        self.proc.signal(libc::SIGTERM);
+        match self.proc.wait_exit(timeout).await {
+            Some(s) => s,
+            None => panic!(
+                "{}: did not exit within {timeout:?} of SIGTERM",
+                self.proc.name
+            ),
+        }
+    }
+
+    /// Starts the broker again on the same agent and api ports (a load
+    /// balancer names them) after it exited. A port taken meanwhile by
+    /// another process (tests run in parallel on ephemeral ports) is tried
+    /// again for a while.
+    pub async fn start_again(&mut self) {
+        self.starts += 1;
+        let (agent, api) = (self.agent_addr.to_string(), self.api_addr.to_string());
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match try_spawn(
+                &self.spec,
+                &self.opts,
+                self.dir.path(),
+                &agent,
+                &api,
+                self.starts,
+            )
+            .await
+            {
+                Ok((a, p, b)) => {
+                    assert_eq!((a, b), (self.agent_addr, self.api_addr));
+                    self.proc = p;
+                    return;
+                }
+                Err(p) if attempts < 50 => {
+                    eprintln!(
+                        "{}: port taken, trying again: {:?}",
+                        p.name,
+                        p.lines().last()
+                    );
+                    // No signal tells when another process frees a port:
+                    // a short pause between bind attempts (at most ~5 s).
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(p) => panic!(
+                    "{}: the ports stayed taken for 50 attempts: {:?}",
+                    p.name,
+                    p.lines().last()
+                ),
+            }
+        }
     }
 
     /// `http://agent-listener` for agents.

@@ -4,6 +4,8 @@
 
 use super::broker::{Broker, BrokerOptions, BrokerSpec};
 use super::redis::Redis;
+use super::WAIT;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 /// The secret replicas prove to each other in the tests.
@@ -73,4 +75,15 @@ pub async fn start_replicas(
         v.push(Broker::start_with(s, opts.clone()).await);
     }
     v
+}
+
+/// The peer listener's address of replica `b`, from its `listening` line.
+pub async fn peer_addr(b: &Broker) -> SocketAddr {
+    let v = b
+        .proc
+        .wait_for_nth(1, WAIT, |v| {
+            v["message"] == "listening" && v["listener"] == "peer"
+        })
+        .await;
+    v["addr"].as_str().expect("addr").parse().expect("addr")
 }

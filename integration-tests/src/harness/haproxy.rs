@@ -9,7 +9,12 @@
 //!   replicas; a request that could not be delivered (connection refused,
 //!   closed before any answer) is sent to another replica, as Kubernetes
 //!   Services with an ingress in front do.
+//!
+//! A connection attempt that fails (a replica stopped or restarting) is
+//! retried on another replica at once (`option redispatch 1`), not after
+//! HAProxy's one-second turn-around on the same one.
 
+use super::broker::Broker;
 use super::process::Proc;
 use super::WAIT;
 use std::net::SocketAddr;
@@ -44,6 +49,30 @@ pub struct Haproxy {
     _dir: tempfile::TempDir,
 }
 
+/// The agent listeners of `replicas` (named `r0`, `r1`, ...), each checked
+/// through its `/readyz`: for a [`Mode::Tcp`] balancer agents dial.
+pub fn agent_backends(replicas: &[Broker]) -> Vec<Backend> {
+    backends(replicas, |b| b.agent_addr)
+}
+
+/// The api listeners of `replicas` (named `r0`, `r1`, ...): for a
+/// [`Mode::Http`] balancer callers go through.
+pub fn api_backends(replicas: &[Broker]) -> Vec<Backend> {
+    backends(replicas, |b| b.api_addr)
+}
+
+fn backends(replicas: &[Broker], addr: impl Fn(&Broker) -> SocketAddr) -> Vec<Backend> {
+    replicas
+        .iter()
+        .enumerate()
+        .map(|(i, b)| Backend {
+            name: format!("r{i}"),
+            addr: addr(b),
+            health: b.api_addr,
+        })
+        .collect()
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
@@ -57,7 +86,7 @@ pub fn config(mode: Mode, port: u16, backends: &[Backend]) -> String {
     let mut c = String::from(
         "global\n  log stdout format raw local0 info\n  maxconn 4000\n\n\
          defaults\n  log global\n  timeout connect 2s\n  timeout client 1h\n  timeout server 1h\n  \
-         timeout check 1s\n  retries 3\n  option redispatch\n",
+         timeout check 1s\n  retries 3\n  option redispatch 1\n",
     );
     match mode {
         Mode::Tcp => c.push_str("  mode tcp\n  option tcplog\n"),

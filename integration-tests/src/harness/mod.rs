@@ -60,6 +60,35 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// Waits until `check` returns `Some`, asking again every 50 ms, for at
+/// most `limit` (a state reached, not a fixed delay).
+pub async fn until<T, F, Fut>(what: &str, limit: Duration, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    until_every(what, limit, Duration::from_millis(50), check).await
+}
+
+/// [`until`], asking every `every` (a measurement finer than 50 ms).
+pub async fn until_every<T, F, Fut>(what: &str, limit: Duration, every: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(every).await;
+    }
+}
+
 /// Installs the TLS provider used by test clients (idempotent).
 pub fn init() {
     gitproxy_shared::tls::install_default_provider();

@@ -151,6 +151,18 @@ impl Proc {
         .await
     }
 
+    /// Waits until `n` raw lines contain `needle`, returning the n-th.
+    pub async fn wait_for_nth_text(&self, n: usize, needle: &str, timeout: Duration) -> String {
+        self.wait_until(&format!("{needle:?} (#{n})"), timeout, |lines| {
+            lines
+                .iter()
+                .filter(|l| l.contains(needle))
+                .nth(n - 1)
+                .cloned()
+        })
+        .await
+    }
+
     /// Waits for the first JSON line whose `message` equals `msg`.
     pub async fn wait_for_message(&self, msg: &str, timeout: Duration) -> Value {
         self.wait_for_nth(1, timeout, |v| v["message"] == msg).await

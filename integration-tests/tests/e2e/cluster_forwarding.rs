@@ -1,20 +1,22 @@
 //! Cluster mode (issue 11): the tunnel registry in a real `redis-server` and
 //! front-door requests forwarded between real broker replicas. Agents are
-//! connected straight to one replica (no load balancer here). Every wait is
+//! connected straight to one replica, except in the acceptance-1 test where
+//! a real HAProxy in front of the agent listeners picks it. Every wait is
 //! on a log line, a response or a Redis/API state reached within a deadline.
 
 use bytes::Bytes;
 use futures::StreamExt;
 use gitproxy_integration_tests::harness::agent::Agent;
 use gitproxy_integration_tests::harness::broker::{Broker, BrokerSpec, ConnSpec};
-use gitproxy_integration_tests::harness::cluster::{start_replicas, ClusterFiles, PEER_SECRET};
+use gitproxy_integration_tests::harness::cluster::{
+    peer_addr, start_replicas, ClusterFiles, PEER_SECRET,
+};
+use gitproxy_integration_tests::harness::haproxy::{agent_backends, Haproxy, Mode};
 use gitproxy_integration_tests::harness::pattern::{Pattern, Verifier};
 use gitproxy_integration_tests::harness::redis::Redis;
 use gitproxy_integration_tests::harness::upstream::Upstream;
-use gitproxy_integration_tests::harness::{client, WAIT};
+use gitproxy_integration_tests::harness::{client, until, WAIT};
 use serde_json::Value;
-use std::future::Future;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 const KEY: &str = "cluster-access-key-0123456789abcdef";
@@ -26,37 +28,6 @@ fn bulk_bytes() -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1 << 30)
-}
-
-/// Waits until `check` returns `Some`, asking again every 50 ms, for at
-/// most `limit` (a state reached, not a fixed delay).
-async fn until<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// The peer listener's address, from its `listening` line.
-async fn peer_addr(b: &Broker) -> SocketAddr {
-    let v = b
-        .proc
-        .wait_for_nth(1, WAIT, |v| {
-            v["message"] == "listening" && v["listener"] == "peer"
-        })
-        .await;
-    v["addr"].as_str().expect("addr").parse().expect("addr")
 }
 
 /// The replicas `GET /v1/connections/{conn}` on `b` names for the agents.
@@ -118,12 +89,19 @@ struct Cluster {
 /// Redis, an upstream, `n` replicas serving connection `acme` (agent mode)
 /// with `--replica-header`.
 async fn cluster(n: usize) -> Cluster {
+    cluster_with(n, &[]).await
+}
+
+/// [`cluster`] with extra broker arguments.
+async fn cluster_with(n: usize, extra: &[&str]) -> Cluster {
     let redis = Redis::start(None).await;
     let up = Upstream::start().await;
     let files = ClusterFiles::new();
+    let mut args = vec!["--replica-header".to_string()];
+    args.extend(extra.iter().map(|a| a.to_string()));
     let spec = BrokerSpec {
         connections: vec![ConnSpec::agent("acme", &up.url(), KEY).token(TOKEN)],
-        args: vec!["--replica-header".into()],
+        args,
         ..Default::default()
     };
     let replicas = start_replicas(n, &spec, &Default::default(), &redis, &files).await;
@@ -171,18 +149,27 @@ async fn upload(url: &str, n: u64, seed: u64) -> Value {
     serde_json::from_slice(&r.bytes().await.expect("body")).expect("json")
 }
 
-/// Acceptance 1 (without a load balancer): one agent on r0; REST through
-/// every replica, the answer naming r0 as the replica that served it; the
-/// connection view of every replica shows the agent on r0; a 1 GiB
-/// download and upload byte-exact through r1 with r1's peak RSS < 64 MiB;
+/// Acceptance 1: one agent connected through a real TCP load balancer
+/// (HAProxy) to whichever replica it picks (the owner); REST through every
+/// replica, the answer naming the owner as the replica that served it; the
+/// connection view of every replica shows the agent on the owner; a 1 GiB
+/// download and upload byte-exact through the next replica with its peak RSS < 64 MiB;
 /// the forwarded-requests metric counts both ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_replica_serves_a_connection_whose_agent_is_on_one() {
     let c = cluster(3).await;
-    let agent = Agent::start("agent-0", &c.replicas[0].agent_url(), KEY, &[]).await;
+    let lb = Haproxy::start(Mode::Tcp, &agent_backends(&c.replicas)).await;
+    let agent = Agent::start("agent-0", &lb.url(), KEY, &[]).await;
+    let holder = until("the agent to be registered", WAIT, || async {
+        agent_replicas(&c.replicas[0], "acme").await.pop()
+    })
+    .await;
     for b in &c.replicas {
-        wait_view(b, "acme", &["r0"]).await;
+        wait_view(b, "acme", &[holder.as_str()]).await;
     }
+    let o: usize = holder[1..].parse().expect("replica id rN");
+    let (owner, fwd) = (&c.replicas[o], &c.replicas[(o + 1) % 3]);
+    eprintln!("the balancer sent the agent to {holder}");
     let http = client();
     for (i, b) in c.replicas.iter().enumerate() {
         let r = http
@@ -191,7 +178,11 @@ async fn every_replica_serves_a_connection_whose_agent_is_on_one() {
             .await
             .expect("send");
         assert_eq!(r.status(), 200, "via r{i}");
-        assert_eq!(r.headers()["x-gitproxy-replica"], "r0", "via r{i}");
+        assert_eq!(
+            r.headers()["x-gitproxy-replica"],
+            holder.as_str(),
+            "via r{i}"
+        );
         assert!(r.text().await.unwrap().contains("17.5.0"));
         let body = format!(r#"{{"title":"Bump lodash via r{i}"}}"#);
         let r = http
@@ -217,7 +208,7 @@ async fn every_replica_serves_a_connection_whose_agent_is_on_one() {
     // Informal: the added latency of a forwarded hop (printed, never
     // asserted; the benchmark measures it properly).
     let mut median = Vec::new();
-    for b in &c.replicas[..2] {
+    for b in [owner, fwd] {
         let url = format!("{}/api/v4/version", b.front("acme"));
         let mut times = Vec::new();
         for _ in 0..200 {
@@ -230,12 +221,11 @@ async fn every_replica_serves_a_connection_whose_agent_is_on_one() {
         median.push(times[times.len() / 2]);
     }
     eprintln!(
-        "p50 of 200 sequential GETs: local (r0) {:?}, forwarded (r1) {:?}",
+        "p50 of 200 sequential GETs: local ({holder}) {:?}, forwarded {:?}",
         median[0], median[1]
     );
 
     let n = bulk_bytes();
-    let fwd = &c.replicas[1];
     let t = Instant::now();
     let (len, ok) = download(
         &format!("{}/api/v4/bytes?n={n}&seed=42", fwd.front("acme")),
@@ -257,8 +247,8 @@ async fn every_replica_serves_a_connection_whose_agent_is_on_one() {
     eprintln!("forwarded upload of {n} bytes in {:?}", t.elapsed());
     let rss = fwd.proc.peak_rss_kib();
     eprintln!(
-        "peak RSS: forwarding replica r1 {rss} KiB, owner r0 {} KiB",
-        c.replicas[0].proc.peak_rss_kib()
+        "peak RSS: forwarding replica {rss} KiB, owner {holder} {} KiB",
+        owner.proc.peak_rss_kib()
     );
     assert!(rss < 64 * 1024, "forwarding replica peak RSS {rss} KiB");
 
@@ -269,12 +259,12 @@ async fn every_replica_serves_a_connection_whose_agent_is_on_one() {
     );
     assert_eq!(out, Some(204.0), "{m1}");
     assert_eq!(metric(&m1, "gitproxy_registry_up "), Some(1.0), "{m1}");
-    let m0 = metrics(&c.replicas[0]).await;
+    let m0 = metrics(owner).await;
     let inn = metric(
         &m0,
         "gitproxy_forwarded_requests_total{connection=\"acme\",direction=\"in\"}",
     );
-    // r1's 204, and r2's two REST requests.
+    // The forwarder's 204, and the third replica's two REST requests.
     assert_eq!(inn, Some(206.0), "{m0}");
     for b in &c.replicas {
         b.proc.assert_no_secrets(&[KEY, TOKEN, PEER_SECRET]);
@@ -347,10 +337,11 @@ async fn peer_listener_requires_the_secret_and_never_forwards_again() {
 /// error, never a clean short end); a request waiting for its head gets 502
 /// `agent_disconnected`; once r0's registry key expired the answer is 503
 /// `agent_not_connected` at once; an agent on another replica restores
-/// service.
+/// service. The registry TTL is the shortest allowed (3 s), so the expiry
+/// comes within seconds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn owner_killed_mid_request() {
-    let mut c = cluster(3).await;
+    let mut c = cluster_with(3, &["--registry-ttl", "3s"]).await;
     let agent = Agent::start("agent-0", &c.replicas[0].agent_url(), KEY, &[]).await;
     wait_view(&c.replicas[1], "acme", &["r0"]).await;
     let http = client();
@@ -414,7 +405,7 @@ async fn owner_killed_mid_request() {
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     until(
         "r0's replica key to expire",
-        Duration::from_secs(45),
+        Duration::from_secs(10),
         || async {
             (c.redis.cli(&["exists", "gitproxy:replica:r0"]).await.trim() == "0").then_some(())
         },
