@@ -7,7 +7,7 @@
 
 use gitproxy_integration_tests::harness::agent::Agent;
 use gitproxy_integration_tests::harness::broker::{Broker, BrokerSpec, ConnSpec};
-use gitproxy_integration_tests::harness::{client, WAIT};
+use gitproxy_integration_tests::harness::{client, json_call, WAIT};
 use gitproxy_integration_tests::sandbox::{
     access, demo, ProjectSpec, Sandbox, SandboxConfig, TokenSpec,
 };
@@ -67,24 +67,7 @@ fn data_dir_args() -> Vec<String> {
 }
 
 async fn api(b: &Broker, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-    let mut r = client()
-        .request(method, format!("{}{path}", b.api()))
-        .header("x-gitproxy-key", API_KEY);
-    if let Some(v) = body {
-        r = r
-            .header("content-type", "application/json")
-            .body(v.to_string());
-    }
-    let resp = tokio::time::timeout(WAIT, r.send())
-        .await
-        .expect("api call hung")
-        .expect("api call");
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap_or_default();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
+    json_call(method, format!("{}{path}", b.api()), API_KEY, body).await
 }
 
 async fn front(b: &Broker, conn: &str, path: &str) -> (u16, String) {

@@ -10,7 +10,7 @@
 
 use gitproxy_integration_tests::harness::agent::Agent;
 use gitproxy_integration_tests::harness::broker::{Broker, BrokerSpec, ConnSpec};
-use gitproxy_integration_tests::harness::{client, WAIT};
+use gitproxy_integration_tests::harness::{git_with_key, json_call, put_token};
 use gitproxy_integration_tests::sandbox::{access, ProjectSpec, Sandbox, SandboxConfig, TokenSpec};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -22,31 +22,9 @@ const GROUP_BOT: &str = "testpat-gg-groupbot-000001";
 const SERVICE: &str = "testpat-gg-service-0000001";
 const SCOPES: [&str; 3] = ["api", "read_repository", "write_repository"];
 
-/// A JSON call with the broker's API key; the body parsed, or kept as a string.
-async fn call(url: String, method: reqwest::Method, body: Option<Value>) -> (u16, Value) {
-    let mut r = client()
-        .request(method, url)
-        .header("x-gitproxy-key", API_KEY);
-    if let Some(v) = body {
-        r = r
-            .header("content-type", "application/json")
-            .body(v.to_string());
-    }
-    let resp = tokio::time::timeout(WAIT, r.send())
-        .await
-        .expect("call hung")
-        .expect("call");
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap_or_default();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
-}
-
 /// The broker's connection API.
 async fn api(b: &Broker, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-    call(format!("{}{path}", b.api()), method, body).await
+    json_call(method, format!("{}{path}", b.api()), API_KEY, body).await
 }
 
 /// GitLab's API through the front door (the broker adds the connection's token).
@@ -56,7 +34,13 @@ async fn front(
     path: &str,
     body: Option<Value>,
 ) -> (u16, Value) {
-    call(format!("{}/api/v4{path}", b.front("acme")), method, body).await
+    json_call(
+        method,
+        format!("{}/api/v4{path}", b.front("acme")),
+        API_KEY,
+        body,
+    )
+    .await
 }
 
 /// `path_with_namespace -> access_level` of a catalogue, checking `count`.
@@ -89,14 +73,7 @@ fn expect(rows: &[(&str, u64)]) -> BTreeMap<String, u64> {
 }
 
 async fn set_token(b: &Broker, conn: &str, token: &str) {
-    let (s, v) = api(
-        b,
-        reqwest::Method::PUT,
-        &format!("/v1/connections/{conn}"),
-        Some(json!({ "token": token })),
-    )
-    .await;
-    assert_eq!(s, 200, "{v}");
+    put_token(&b.api(), API_KEY, conn, token).await;
 }
 
 /// The tree (alice is a person; the group bot and the service account are bots):
@@ -301,17 +278,7 @@ async fn catalogue_over_a_group_tree() {
     // git at inherited and shared levels: alice clones terraform (inherited)
     // and pushes a branch to partners/sdk (Developer through the share).
     let work = tempfile::tempdir().unwrap();
-    let dest = work.path().join("sdk");
-    let (ok, err) = git(
-        &[
-            "clone",
-            &format!("{}/partners/sdk.git", b.front("acme")),
-            dest.to_str().unwrap(),
-        ],
-        work.path(),
-    );
-    assert!(ok, "{err}");
-    commit_file(&dest, "fix.txt");
+    let dest = clone_and_commit(&b, "partners/sdk", work.path());
     let (ok, err) = git(&["push", "origin", "HEAD:refs/heads/fix"], &dest);
     assert!(ok, "{err}");
     let tf = work.path().join("tf");
@@ -338,32 +305,22 @@ async fn catalogue_over_a_group_tree() {
         .assert_no_secrets(&[ALICE, GROUP_BOT, SERVICE, API_KEY, key]);
 }
 
-/// git through the front door with the broker's API key (the broker adds the token).
+/// git through the front door (the broker adds the token).
 fn git(args: &[&str], dir: &Path) -> (bool, String) {
-    let out = std::process::Command::new("git")
-        .args([
-            "-c",
-            &format!("http.extraHeader=X-Gitproxy-Key: {API_KEY}"),
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@example.invalid",
-        ])
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_TERMINAL_PROMPT", "0")
-        .output()
-        .expect("git runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
+    git_with_key(API_KEY, args, dir)
 }
 
-fn commit_file(dir: &Path, name: &str) {
-    std::fs::write(dir.join(name), name).unwrap();
-    assert!(git(&["add", name], dir).0);
-    assert!(git(&["commit", "-m", name], dir).0);
+/// Clones `project` through the front door into `work` and commits a file on
+/// top; the clone's directory.
+fn clone_and_commit(b: &Broker, project: &str, work: &Path) -> std::path::PathBuf {
+    let dest = work.join(project.replace('/', "_"));
+    let url = format!("{}/{project}.git", b.front("acme"));
+    let (ok, err) = git(&["clone", &url, dest.to_str().unwrap()], work);
+    assert!(ok, "{err}");
+    std::fs::write(dest.join("new.txt"), "new").unwrap();
+    assert!(git(&["add", "new.txt"], &dest).0);
+    assert!(git(&["commit", "-m", "new"], &dest).0);
+    dest
 }
 
 /// GitLab's answers to failed writes reach callers unchanged through the
@@ -395,17 +352,7 @@ async fn failed_writes_as_gitlab_answers_them() {
 
     // git push to the protected default branch: GitLab's pre-receive refusal.
     let work = tempfile::tempdir().unwrap();
-    let dest = work.path().join("app");
-    let (ok, err) = git(
-        &[
-            "clone",
-            &format!("{}/team/app.git", b.front("acme")),
-            dest.to_str().unwrap(),
-        ],
-        work.path(),
-    );
-    assert!(ok, "{err}");
-    commit_file(&dest, "x.txt");
+    let dest = clone_and_commit(&b, "team/app", work.path());
     let (ok, err) = git(&["push", "origin", "HEAD:refs/heads/main"], &dest);
     assert!(!ok);
     assert!(

@@ -393,6 +393,13 @@ impl Sandbox {
 
     /// Adds or changes a direct member of a group (inherited by its subgroups and projects).
     pub fn add_group_member(&self, group_id: u64, user_id: u64, access_level: u32) {
+        self.with_group(group_id, |g| {
+            g.members.insert(user_id, access_level);
+        });
+    }
+
+    /// Changes a group, if it exists.
+    fn with_group(&self, group_id: u64, f: impl FnOnce(&mut Group)) {
         if let Some(g) = self
             .inner
             .lock()
@@ -400,22 +407,16 @@ impl Sandbox {
             .iter_mut()
             .find(|g| g.id == group_id)
         {
-            g.members.insert(user_id, access_level);
+            f(g);
         }
     }
 
     /// Shares group `group_id` with group `with_group_id` at `group_access`
     /// (https://docs.gitlab.com/user/project/members/sharing_projects_groups/#invite-a-group-to-a-group).
     pub fn share_group(&self, group_id: u64, with_group_id: u64, group_access: u32) {
-        if let Some(g) = self
-            .inner
-            .lock()
-            .groups
-            .iter_mut()
-            .find(|g| g.id == group_id)
-        {
+        self.with_group(group_id, |g| {
             g.shared_with.insert(with_group_id, group_access);
-        }
+        });
     }
 
     /// Shares a project with a group at `group_access`
