@@ -10,8 +10,10 @@
 
 use gitproxy_integration_tests::harness::agent::Agent;
 use gitproxy_integration_tests::harness::broker::{Broker, BrokerSpec, ConnSpec};
-use gitproxy_integration_tests::harness::{git_with_key, json_call, put_token};
-use gitproxy_integration_tests::sandbox::{access, ProjectSpec, Sandbox, SandboxConfig, TokenSpec};
+use gitproxy_integration_tests::harness::{client, git_with_key, json_call, put_token};
+use gitproxy_integration_tests::sandbox::{
+    access, demo, ProjectSpec, Sandbox, SandboxConfig, TokenSpec,
+};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -441,4 +443,60 @@ async fn failed_writes_as_gitlab_answers_them() {
         "{v}"
     );
     b.proc.assert_no_secrets(&[ALICE, API_KEY, key]);
+}
+
+/// `gitlab-sandbox --groups` seeds what `demo::seed_groups` documents: each
+/// token's effective levels, read from GitLab's own `min_access_level`
+/// listings (no broker involved).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_scenario_is_what_it_documents() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (sb, addr) = Sandbox::start(SandboxConfig::new(dir.path().join("gitlab")))
+        .await
+        .expect("sandbox starts");
+    let g = demo::seed_groups(&sb, "testpat-gg-scenario-00001").expect("seed");
+    let levels = |token: String| async move {
+        let mut out = BTreeMap::new();
+        for min in [30u64, 40, 50] {
+            let url = format!("http://{addr}/api/v4/projects?min_access_level={min}&per_page=100");
+            let text = client()
+                .get(url)
+                .header("private-token", &token)
+                .send()
+                .await
+                .expect("sandbox answers")
+                .text()
+                .await
+                .expect("body");
+            let v: Value = serde_json::from_str(&text).expect("JSON");
+            for p in v.as_array().expect("list") {
+                out.insert(p["path_with_namespace"].as_str().unwrap().to_string(), min);
+            }
+        }
+        out
+    };
+    assert_eq!(
+        levels(g.token.clone()).await,
+        expect(&[
+            ("platform/backend/api", 30),
+            ("platform/new", 30),
+            ("platform/old", 30),
+            ("platform/web", 40),
+            ("security/audit", 30),
+        ])
+    );
+    assert_eq!(
+        levels(g.group_token.clone()).await,
+        expect(&[
+            ("platform/backend/api", 40),
+            ("platform/new", 40),
+            ("platform/old", 40),
+            ("platform/web", 40),
+            ("security/audit", 40),
+        ])
+    );
+    assert_eq!(
+        levels(g.service_token.clone()).await,
+        expect(&[("security/audit", 30), ("security/internal", 30)])
+    );
 }
