@@ -442,6 +442,25 @@ async fn failed_writes_as_gitlab_answers_them() {
         v["hint"].as_str().unwrap_or("").contains("source_branch"),
         "{v}"
     );
+    // With a branch of its own, the same Developer (through the group) opens the MR.
+    let (s, v) = api(
+        &b,
+        reqwest::Method::POST,
+        "/v1/connections/acme/merge-requests",
+        Some(json!({
+            "project": "team/app",
+            "source_branch": "fix-a",
+            "target_branch": "develop",
+            "title": "t",
+            "changes": [{"path": "a.txt", "content": "a"}],
+        })),
+    )
+    .await;
+    assert_eq!((s, &v["created"]), (201, &json!(true)), "{v}");
+    assert_eq!(
+        sb.read_file(pid, "fix-a", "a.txt").as_deref(),
+        Some(&b"a"[..])
+    );
     b.proc.assert_no_secrets(&[ALICE, API_KEY, key]);
 }
 
