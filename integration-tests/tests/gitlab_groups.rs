@@ -423,39 +423,30 @@ async fn failed_writes_as_gitlab_answers_them() {
         )
     );
 
-    // The broker's MR flow asked to commit to the protected branch: a named error.
-    let (s, v) = api(
-        &b,
-        reqwest::Method::POST,
-        "/v1/connections/acme/merge-requests",
-        Some(json!({
-            "project": "team/app",
-            "source_branch": "main",
-            "target_branch": "develop",
-            "title": "t",
-            "changes": [{"path": "a.txt", "content": "a"}],
-        })),
-    )
-    .await;
+    // The broker's MR flow onto `develop` from `source`.
+    let open_mr = |source: &'static str| {
+        api(
+            &b,
+            reqwest::Method::POST,
+            "/v1/connections/acme/merge-requests",
+            Some(json!({
+                "project": "team/app",
+                "source_branch": source,
+                "target_branch": "develop",
+                "title": "t",
+                "changes": [{"path": "a.txt", "content": "a"}],
+            })),
+        )
+    };
+    // Asked to commit to the protected branch: a named error.
+    let (s, v) = open_mr("main").await;
     assert_eq!((s, &v["error"]), (409, &json!("branch_protected")), "{v}");
     assert!(
         v["hint"].as_str().unwrap_or("").contains("source_branch"),
         "{v}"
     );
     // With a branch of its own, the same Developer (through the group) opens the MR.
-    let (s, v) = api(
-        &b,
-        reqwest::Method::POST,
-        "/v1/connections/acme/merge-requests",
-        Some(json!({
-            "project": "team/app",
-            "source_branch": "fix-a",
-            "target_branch": "develop",
-            "title": "t",
-            "changes": [{"path": "a.txt", "content": "a"}],
-        })),
-    )
-    .await;
+    let (s, v) = open_mr("fix-a").await;
     assert_eq!((s, &v["created"]), (201, &json!(true)), "{v}");
     assert_eq!(
         sb.read_file(pid, "fix-a", "a.txt").as_deref(),
