@@ -1,6 +1,7 @@
 //! GitLab in the wild (issue 12, points 3–9): releases 14.10 to 17.x, scopes
 //! as GitLab grants them, archived and empty projects, non-`main` default
-//! branches, groups, rate limits and GitLab's failed-write answers — against
+//! branches, rate limits and GitLab's failed-write answers (groups and the
+//! write refusals through the front door: gitlab_groups.rs) — against
 //! the sandbox GitLab in each shape, with the real broker and agent binaries,
 //! through the front door in agent mode and (control plane) direct mode.
 

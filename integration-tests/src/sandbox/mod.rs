@@ -3,7 +3,10 @@
 //!
 //! It serves a subset of the REST API v4 (auth and token errors, projects with offset and
 //! keyset pagination, files, branches, commits, merge requests) and git smart HTTP via
-//! the real `git http-backend`, over real bare repositories under `data_dir`.
+//! the real `git http-backend`, over real bare repositories under `data_dir`. Access
+//! follows GitLab's membership routes ([`groups`]): groups and subgroups, groups shared
+//! with groups, projects shared with groups, group access tokens' bot users and
+//! service accounts.
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {

@@ -17,7 +17,10 @@ use crate::sandbox::Inner;
 /// `project_access` is the caller's *direct* project membership, `group_access` its highest
 /// *direct* membership of the project's group or an ancestor. Neither shows access that
 /// comes through a share, so both may be null on a project the caller reaches (GitLab
-/// documents `permissions` as membership, not as the effective level).
+/// documents `permissions` as membership, not as the effective level). This is the
+/// newest release's list preload (`GroupMember.max_access_members` matched over the
+/// group's `traversal_ids`); older releases filled `group_access` in lists from the
+/// project's own group only.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Permissions {
     pub project_access: Option<u32>,
