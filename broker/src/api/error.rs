@@ -9,6 +9,10 @@
 //! | `not_agent_mode` | 409 | an accessKey asked for a direct-mode connection |
 //! | `gitlab_error` | 502 | GitLab refused a step of an operation (status and GitLab's message in `message`) |
 //! | `storage_error` | 500 | the data directory could not be written |
+//! | `project_archived` | 409 | merge request on an archived (read-only) project |
+//! | `empty_repository` | 409 | merge request on a project without commits |
+//! | `branch_protected` | 409 | merge request whose `source_branch` is protected against the token's user |
+//! | `merge_request_refused` | 422 | GitLab refused the merge request itself (e.g. a branch deleted meanwhile) |
 
 use axum::body::Body;
 use axum::response::IntoResponse;

@@ -24,6 +24,12 @@
 //! their ending; only the first means an earlier attempt). A 409 on step 5 (GitLab's
 //! "Another open merge request already exists") means a concurrent attempt
 //! won: its MR is fetched and returned.
+//!
+//! GitLab's refusals are named by status and structure, never by wording: a
+//! 403 to the commit whose source branch GitLab reports `protected` without
+//! `can_push` is `branch_protected`; a 422 `{"message": [...]}` to the MR is
+//! `merge_request_refused`; any other refusal is `gitlab_error` with GitLab's
+//! status and message.
 
 use super::error::ApiError;
 use crate::frontdoor::internal::{self, query_value, segment, Answer};
@@ -419,6 +425,8 @@ pub async fn open(
                     ));
                 }
             }
+        } else if a.status == 403 {
+            return Err(push_refused(state, conn, &p, &req.source_branch, &text).await?);
         } else {
             return Err(ApiError::gitlab(
                 "POST /repository/commits",
@@ -457,8 +465,65 @@ pub async fn open(
                 &a.error_text(),
             )),
         },
-        s => Err(ApiError::gitlab("POST /merge_requests", s, &a.error_text())),
+        s => Err(mr_refused(s, &a.json())
+            .unwrap_or_else(|| ApiError::gitlab("POST /merge_requests", s, &a.error_text()))),
     }
+}
+
+/// A 403 to the commit: GitLab refuses pushes to a protected branch with the
+/// same status as a missing role, so the branch itself is asked (its
+/// `protected` and `can_push` fields) rather than the wording read.
+async fn push_refused(
+    state: &Arc<AppState>,
+    conn: &str,
+    p: &Project,
+    branch: &str,
+    text: &str,
+) -> Result<ApiError, ApiError> {
+    let a = internal::call(
+        state,
+        conn,
+        Method::GET,
+        &format!(
+            "/api/v4/projects/{}/repository/branches/{}",
+            p.id,
+            segment(branch)
+        ),
+        None,
+    )
+    .await?;
+    let b = a.json();
+    let flag = |k: &str| b.get(k).and_then(Value::as_bool);
+    if a.status == 200 && flag("protected") == Some(true) && flag("can_push") == Some(false) {
+        return Ok(ApiError::new(
+            409,
+            "branch_protected",
+            format!("{branch} is a protected branch of {}: GitLab refuses commits to it from the token's user", p.path),
+            "Give a new source_branch for the merge request (gitproxy creates it); protected branches take changes through merge requests, or ask a Maintainer to allow pushes in Settings > Repository > Protected branches.",
+        ));
+    }
+    Ok(ApiError::gitlab("POST /repository/commits", 403, text))
+}
+
+/// GitLab's refusal of a merge request by validation: 422 with
+/// `{"message": ["...", ...]}` (`unprocessable_entity!` over the MR's
+/// `:base`, `:validate_fork`, ... errors, e.g. a branch that does not exist).
+fn mr_refused(status: u16, body: &Value) -> Option<ApiError> {
+    if status != 422 {
+        return None;
+    }
+    let msgs: Vec<&str> = body
+        .get("message")?
+        .as_array()?
+        .iter()
+        .map(Value::as_str)
+        .collect::<Option<_>>()?;
+    Some(ApiError::new(
+        422,
+        "merge_request_refused",
+        format!("GitLab refused the merge request: {}", msgs.join("; ")),
+        "Check that the source and target branches exist in the project (a branch deleted while the merge request was prepared), then retry.",
+    ))
 }
 
 async fn track(state: &AppState, conn: &str, p: &Project, mr: &Value) -> Result<MrView, ApiError> {
@@ -593,4 +658,25 @@ pub async fn list(State(state): State<Arc<AppState>>, Path(id): Path<String>) ->
         .collect()
         .await;
     Json(json!({"merge_requests": views})).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_422_list_is_a_refused_merge_request() {
+        let e = mr_refused(
+            422,
+            &json!({"message": ["Source branch \"x\" does not exist"]}),
+        )
+        .expect("named");
+        assert_eq!(e.code, "merge_request_refused");
+        assert_eq!(e.status.as_u16(), 422);
+        assert!(e.message.contains("Source branch \"x\" does not exist"));
+        // Other statuses and shapes stay GitLab errors.
+        assert!(mr_refused(400, &json!({"message": ["x"]})).is_none());
+        assert!(mr_refused(422, &json!({"message": "x"})).is_none());
+        assert!(mr_refused(422, &json!({"error": "x"})).is_none());
+    }
 }

@@ -1,7 +1,7 @@
 //! `GET /v1/connections/{id}/projects`: every project the connection's token
-//! can work on (member with Developer role or above by any route: direct,
-//! inherited from a group, or through a group shared with one), across all
-//! pages. Archived projects are read-only and left out unless
+//! can work on (Developer role or above by any route: direct, inherited from
+//! a parent group, through a group shared with a group, through a project
+//! shared with a group), across all pages, with the effective `access_level`. Archived projects are read-only and left out unless
 //! `?include_archived=true`; each project says whether it is `archived` and
 //! whether its repository is empty.
 //!
@@ -22,8 +22,13 @@ use serde::Serialize;
 use serde_json::Value;
 use std::sync::Arc;
 
-/// Most pages read for one catalogue (100 projects each).
+/// Most pages read for one listing (100 projects each).
 pub const MAX_PAGES: usize = 1000;
+
+/// GitLab's access levels (`Gitlab::Access`).
+const DEVELOPER: u64 = 30;
+const MAINTAINER: u64 = 40;
+const OWNER: u64 = 50;
 
 /// One project of the catalogue.
 #[derive(Debug, Clone, Serialize)]
@@ -38,9 +43,9 @@ pub struct ProjectView {
     pub default_branch: Option<String>,
     /// GitLab's URL.
     pub web_url: Option<String>,
-    /// The token user's access level (30 Developer, 40 Maintainer, 50 Owner) when GitLab says.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub access_level: Option<u64>,
+    /// The token user's effective access level over every route (30 Developer,
+    /// 40 Maintainer, 50 Owner).
+    pub access_level: u64,
     /// Archived (read-only: no merge request can be opened).
     pub archived: bool,
     /// The repository has no commit yet (no merge request can be opened).
@@ -64,10 +69,11 @@ fn project_view(v: &Value) -> Option<ProjectView> {
             .and_then(|a| a.get("access_level"))
             .and_then(|l| l.as_u64())
     };
-    let access_level = match (level("project_access"), level("group_access")) {
-        (Some(a), Some(b)) => Some(a.max(b)),
-        (a, b) => a.or(b),
-    };
+    // A lower bound: every listed project is Developer or above by some route.
+    let access_level = [level("project_access"), level("group_access")]
+        .into_iter()
+        .flatten()
+        .fold(DEVELOPER, u64::max);
     Some(ProjectView {
         id: v.get("id")?.as_u64()?,
         path_with_namespace: s("path_with_namespace")?,
@@ -83,22 +89,12 @@ fn project_view(v: &Value) -> Option<ProjectView> {
     })
 }
 
-/// Reads the whole catalogue.
-pub async fn catalogue(
-    state: &Arc<AppState>,
-    id: &str,
-    include_archived: bool,
-) -> Result<Vec<ProjectView>, ApiError> {
-    // GitLab lists archived projects unless asked `archived=false`.
-    let archived = if include_archived {
-        ""
-    } else {
-        "&archived=false"
-    };
-    let first_keyset = format!("/api/v4/projects?membership=true&min_access_level=30{archived}&pagination=keyset&order_by=id&sort=asc&per_page=100");
-    let first_offset = format!(
-        "/api/v4/projects?membership=true&min_access_level=30{archived}&order_by=id&sort=asc&per_page=100"
-    );
+/// Reads every page of `GET /api/v4/projects?{query}` (keyset pagination, or
+/// offset pagination when GitLab refuses keyset with 405).
+async fn list_all(state: &Arc<AppState>, id: &str, query: &str) -> Result<Vec<Value>, ApiError> {
+    let first_keyset =
+        format!("/api/v4/projects?{query}&pagination=keyset&order_by=id&sort=asc&per_page=100");
+    let first_offset = format!("/api/v4/projects?{query}&order_by=id&sort=asc&per_page=100");
     let mut out = Vec::new();
     let mut next = Some(first_keyset);
     let mut pages = 0;
@@ -128,11 +124,59 @@ pub async fn catalogue(
                 "the answer is not a JSON list",
             ));
         };
-        out.extend(items.iter().filter_map(project_view));
+        out.extend(items);
         next = a.next_target(id);
     }
+    Ok(out)
+}
+
+/// Reads the whole catalogue.
+///
+/// The projects are those of `membership=true&min_access_level=30`: GitLab filters
+/// on its `project_authorizations`, which hold the user's highest level over every
+/// route (direct, inherited from a parent group, through a group shared with a
+/// group, through a project shared with a group). The `permissions` of each
+/// project only show *direct* memberships (of the project, of its group or an
+/// ancestor), so they are a lower bound; the exact level comes from listing again
+/// with `min_access_level=40` and `=50` (ids only, `simple=true`), skipped when
+/// the lower bounds already settle it.
+pub async fn catalogue(
+    state: &Arc<AppState>,
+    id: &str,
+    include_archived: bool,
+) -> Result<Vec<ProjectView>, ApiError> {
+    // GitLab lists archived projects unless asked `archived=false`.
+    let archived = if include_archived {
+        ""
+    } else {
+        "&archived=false"
+    };
+    let items = list_all(
+        state,
+        id,
+        &format!("membership=true&min_access_level={DEVELOPER}{archived}"),
+    )
+    .await?;
+    let mut out: Vec<ProjectView> = items.iter().filter_map(project_view).collect();
     out.sort_by_key(|p| p.id);
     out.dedup_by_key(|p| p.id);
+    for band in [MAINTAINER, OWNER] {
+        if out.iter().all(|p| p.access_level >= band) {
+            continue;
+        }
+        let ids: std::collections::HashSet<u64> = list_all(
+            state,
+            id,
+            &format!("membership=true&min_access_level={band}{archived}&simple=true"),
+        )
+        .await?
+        .iter()
+        .filter_map(|v| v.get("id").and_then(Value::as_u64))
+        .collect();
+        for p in out.iter_mut().filter(|p| ids.contains(&p.id)) {
+            p.access_level = p.access_level.max(band);
+        }
+    }
     Ok(out)
 }
 

@@ -36,6 +36,10 @@ struct Args {
     /// Seed the demo user, token and projects.
     #[arg(long)]
     demo: bool,
+    /// Seed a group tree (subgroups, shared groups and projects, an archived and an
+    /// empty project, a group access token, a service account): see `sandbox::demo::seed_groups`.
+    #[arg(long, conflicts_with = "demo")]
+    groups: bool,
     /// The demo token's value.
     #[arg(long, default_value = "sandbox-demo-token")]
     token: String,
@@ -119,12 +123,19 @@ async fn main() -> anyhow::Result<()> {
         let token = args.token.clone();
         tokio::task::spawn_blocking(move || demo::seed(&sb2, &token)).await??;
     }
-    let line = serde_json::json!({
+    let mut line = serde_json::json!({
         "listening": addr.to_string(),
         "external_url": sb.external_url(),
         "token": args.token,
         "gitlab_version": args.gitlab_version.to_string(),
     });
+    if args.groups {
+        let sb2 = sb.clone();
+        let token = args.token.clone();
+        let g = tokio::task::spawn_blocking(move || demo::seed_groups(&sb2, &token)).await??;
+        line["group_token"] = serde_json::json!(g.group_token);
+        line["service_token"] = serde_json::json!(g.service_token);
+    }
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "{line}")?;

@@ -107,3 +107,79 @@ pub fn client() -> reqwest::Client {
         .build()
         .expect("client")
 }
+
+/// A request carrying the broker's API key (`X-Gitproxy-Key`) and, if given,
+/// a JSON body.
+pub fn keyed_request(
+    method: reqwest::Method,
+    url: String,
+    api_key: &str,
+    body: Option<serde_json::Value>,
+) -> reqwest::RequestBuilder {
+    let r = client()
+        .request(method, url)
+        .header("x-gitproxy-key", api_key);
+    match body {
+        Some(v) => r
+            .header("content-type", "application/json")
+            .body(v.to_string()),
+        None => r,
+    }
+}
+
+/// [`keyed_request`] sent within [`WAIT`]: the status and the body as JSON
+/// (kept as a JSON string when it is not JSON).
+pub async fn json_call(
+    method: reqwest::Method,
+    url: String,
+    api_key: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let resp = tokio::time::timeout(WAIT, keyed_request(method, url, api_key, body).send())
+        .await
+        .expect("api call hung")
+        .expect("api call");
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap_or_default();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+    )
+}
+
+/// Runs `git` in `dir` with the broker's API key as an extra header (for
+/// clones and pushes through the front door) and a committer identity;
+/// whether it succeeded, and its stderr.
+pub fn git_with_key(api_key: &str, args: &[&str], dir: &std::path::Path) -> (bool, String) {
+    let out = std::process::Command::new("git")
+        .args([
+            "-c",
+            &format!("http.extraHeader=X-Gitproxy-Key: {api_key}"),
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@example.invalid",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .output()
+        .expect("git runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// Rotates a connection's GitLab token over the connection API
+/// (`PUT /v1/connections/{conn}`); panics unless the broker accepts it.
+pub async fn put_token(broker_api: &str, api_key: &str, conn: &str, token: &str) {
+    let (s, v) = json_call(
+        reqwest::Method::PUT,
+        format!("{broker_api}/v1/connections/{conn}"),
+        api_key,
+        Some(serde_json::json!({ "token": token })),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+}

@@ -15,6 +15,7 @@ use hyper::body::Incoming;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use super::api::{self, AuthError};
+use super::groups;
 use super::state::access;
 use super::Inner;
 
@@ -115,14 +116,22 @@ pub async fn serve(
     if !git_scope(&["api", "read_repository", "write_repository"]) {
         return access_denied(inner, true);
     }
-    let project = inner.lock().find_project(&route.project).cloned();
+    let (project, level) = {
+        let st = inner.lock();
+        match st.find_project(&route.project) {
+            Some(p) => (
+                Some(p.clone()),
+                groups::project_access(&st, p, caller.user_id),
+            ),
+            None => (None, 0),
+        }
+    };
     let Some(project) = project else {
         return text(
             StatusCode::NOT_FOUND,
             "The project you were looking for could not be found or you don't have permission to view it.\n",
         );
     };
-    let level = project.access_of(caller.user_id).unwrap_or(0);
     if level == 0 {
         return text(
             StatusCode::NOT_FOUND,

@@ -3,7 +3,10 @@
 //!
 //! It serves a subset of the REST API v4 (auth and token errors, projects with offset and
 //! keyset pagination, files, branches, commits, merge requests) and git smart HTTP via
-//! the real `git http-backend`, over real bare repositories under `data_dir`.
+//! the real `git http-backend`, over real bare repositories under `data_dir`. Access
+//! follows GitLab's membership routes ([`groups`]): groups and subgroups, groups shared
+//! with groups, projects shared with groups, group access tokens' bot users and
+//! service accounts.
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
@@ -22,6 +25,7 @@ mod api;
 mod clock;
 pub mod demo;
 mod git_http;
+pub mod groups;
 mod repo;
 mod server;
 pub mod state;
@@ -37,7 +41,7 @@ use anyhow::Context;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 pub use state::access;
-use state::{Project, State, Token, User};
+use state::{Group, Project, State, Token, User, UserKind};
 pub use throttle::RateLimit;
 pub use version::GitlabVersion;
 
@@ -344,8 +348,117 @@ impl Sandbox {
             username: username.to_string(),
             name: username.to_string(),
             created_at: clock::now_iso(),
+            kind: UserKind::Human,
         });
         id
+    }
+
+    /// Adds a service account (a bot user, https://docs.gitlab.com/user/profile/service_accounts/);
+    /// it gets access like any user, by membership of groups and projects.
+    pub fn add_service_account(&self, username: &str) -> u64 {
+        let id = self.add_user(username);
+        if let Some(u) = self.inner.lock().users.iter_mut().find(|u| u.id == id) {
+            u.kind = UserKind::ServiceAccount;
+        }
+        id
+    }
+
+    /// Creates a group or, for `a/b`, subgroup `b` of the existing group `a`; returns its id.
+    pub fn add_group(&self, full_path: &str) -> anyhow::Result<u64> {
+        let full_path = full_path.trim_matches('/');
+        let (parent, path) = match full_path.rsplit_once('/') {
+            Some((parent, path)) => (Some(parent), path),
+            None => (None, full_path),
+        };
+        let mut st = self.inner.lock();
+        if st.find_group(full_path).is_some() {
+            anyhow::bail!("group {full_path} already exists");
+        }
+        let parent_id = match parent {
+            Some(pp) => Some(
+                st.find_group(pp)
+                    .map(|g| g.id)
+                    .with_context(|| format!("parent group {pp} does not exist"))?,
+            ),
+            None => None,
+        };
+        let id = st.next_id();
+        st.groups.push(Group {
+            id,
+            path: path.to_string(),
+            full_path: full_path.to_string(),
+            parent_id,
+            members: Default::default(),
+            shared_with: Default::default(),
+        });
+        Ok(id)
+    }
+
+    /// Adds or changes a direct member of a group (inherited by its subgroups and projects).
+    pub fn add_group_member(&self, group_id: u64, user_id: u64, access_level: u32) {
+        self.with_group(group_id, |g| {
+            g.members.insert(user_id, access_level);
+        });
+    }
+
+    /// Changes a group, if it exists.
+    fn with_group(&self, group_id: u64, f: impl FnOnce(&mut Group)) {
+        if let Some(g) = self
+            .inner
+            .lock()
+            .groups
+            .iter_mut()
+            .find(|g| g.id == group_id)
+        {
+            f(g);
+        }
+    }
+
+    /// Shares group `group_id` with group `with_group_id` at `group_access`
+    /// (https://docs.gitlab.com/user/project/members/sharing_projects_groups/#invite-a-group-to-a-group).
+    pub fn share_group(&self, group_id: u64, with_group_id: u64, group_access: u32) {
+        self.with_group(group_id, |g| {
+            g.shared_with.insert(with_group_id, group_access);
+        });
+    }
+
+    /// Shares a project with a group at `group_access`
+    /// (https://docs.gitlab.com/user/project/members/sharing_projects_groups/#invite-a-group-to-a-project).
+    pub fn share_project(&self, project_id: u64, with_group_id: u64, group_access: u32) {
+        let mut st = self.inner.lock();
+        if let Some(p) = st.projects.iter_mut().find(|p| p.id == project_id) {
+            p.shared_with.insert(with_group_id, group_access);
+        }
+    }
+
+    /// Creates a group access token: GitLab makes a bot user (`group_<id>_bot_<n>`,
+    /// `user_type: project_bot`) a member of the group at the token's level and
+    /// issues the token to it
+    /// (https://docs.gitlab.com/user/group/settings/group_access_tokens/#bot-users-for-groups).
+    /// Returns the bot user's id.
+    pub fn add_group_access_token(
+        &self,
+        group_id: u64,
+        token: &str,
+        access_level: u32,
+        scopes: &[&str],
+    ) -> u64 {
+        let bot = {
+            let mut st = self.inner.lock();
+            let n = st.users.len() + 1;
+            let id = st.next_id();
+            st.users.push(User {
+                id,
+                username: format!("group_{group_id}_bot_{n}"),
+                name: format!("group{group_id}_bot"),
+                created_at: clock::now_iso(),
+                kind: UserKind::ProjectBot,
+            });
+            id
+        };
+        self.add_group_member(group_id, bot, access_level);
+        self.add_token(TokenSpec::new(token, bot, scopes));
+        bot
     }
 
     /// Registers a personal access token; returns the token's id.
@@ -448,6 +561,7 @@ impl Sandbox {
             namespace: namespace.to_string(),
             default_branch: spec.default_branch.clone(),
             members: spec.members.iter().copied().collect(),
+            shared_with: Default::default(),
             archived: spec.archived,
             empty: spec.empty,
             repo_dir: dir,

@@ -18,6 +18,26 @@ pub mod access {
     pub const OWNER: u32 = 50;
 }
 
+/// What kind of account a user is (GitLab's `user_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UserKind {
+    /// A person.
+    #[default]
+    Human,
+    /// The bot user GitLab creates for a group or project access token
+    /// (`user_type: project_bot`; https://docs.gitlab.com/user/group/settings/group_access_tokens/#bot-users-for-groups).
+    ProjectBot,
+    /// A service account (https://docs.gitlab.com/user/profile/service_accounts/).
+    ServiceAccount,
+}
+
+impl UserKind {
+    /// GitLab's `bot` flag on user entities: true for every non-human account.
+    pub fn is_bot(self) -> bool {
+        self != UserKind::Human
+    }
+}
+
 /// A user account.
 #[derive(Debug, Clone)]
 pub struct User {
@@ -25,6 +45,23 @@ pub struct User {
     pub username: String,
     pub name: String,
     pub created_at: String,
+    pub kind: UserKind,
+}
+
+/// A group (or subgroup: `parent_id` set), always `private`.
+#[derive(Debug, Clone)]
+pub struct Group {
+    pub id: u64,
+    /// The last path segment.
+    pub path: String,
+    /// `a/b/c`.
+    pub full_path: String,
+    pub parent_id: Option<u64>,
+    /// Direct members: `user_id -> access_level`.
+    pub members: BTreeMap<u64, u32>,
+    /// This group shared with other groups (`group_group_links` where this group is
+    /// the `shared_group`): `invited group id -> group_access`.
+    pub shared_with: BTreeMap<u64, u32>,
 }
 
 /// A personal access token as stored by the sandbox.
@@ -51,6 +88,8 @@ pub struct Project {
     pub namespace: String,
     pub default_branch: String,
     pub members: BTreeMap<u64, u32>,
+    /// The project shared with groups (`project_group_links`): `group id -> group_access`.
+    pub shared_with: BTreeMap<u64, u32>,
     /// Archived: read-only, hidden by `archived=false`.
     pub archived: bool,
     /// Created without commits (`empty_repo`); a push fills it.
@@ -65,7 +104,8 @@ impl Project {
         format!("{}/{}", self.namespace, self.path)
     }
 
-    /// The access level `user_id` holds, if a member.
+    /// The access level `user_id` holds as a direct member, if one (the effective
+    /// level over every route is [`crate::sandbox::groups::project_access`]).
     pub fn access_of(&self, user_id: u64) -> Option<u32> {
         self.members.get(&user_id).copied()
     }
@@ -93,6 +133,7 @@ pub struct State {
     pub users: Vec<User>,
     pub tokens: Vec<Token>,
     pub projects: Vec<Project>,
+    pub groups: Vec<Group>,
     pub merge_requests: Vec<MergeRequest>,
     pub seen_tokens: Vec<String>,
     pub request_log: Vec<(String, String)>,
@@ -118,6 +159,17 @@ impl State {
 
     pub fn token_mut(&mut self, value: &str) -> Option<&mut Token> {
         self.tokens.iter_mut().find(|t| t.token == value)
+    }
+
+    pub fn group(&self, id: u64) -> Option<&Group> {
+        self.groups.iter().find(|g| g.id == id)
+    }
+
+    /// A group by full path (case-insensitive, as GitLab).
+    pub fn find_group(&self, full_path: &str) -> Option<&Group> {
+        self.groups
+            .iter()
+            .find(|g| g.full_path.eq_ignore_ascii_case(full_path))
     }
 
     pub fn project(&self, id: u64) -> Option<&Project> {

@@ -10,7 +10,7 @@ use gitproxy_integration_tests::harness::cluster::{start_replicas, ClusterFiles}
 use gitproxy_integration_tests::harness::process::Proc;
 use gitproxy_integration_tests::harness::redis::Redis;
 use gitproxy_integration_tests::harness::upstream::Upstream;
-use gitproxy_integration_tests::harness::{bin, client, WAIT};
+use gitproxy_integration_tests::harness::{bin, client, keyed_request, WAIT};
 use serde_json::{json, Value};
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
@@ -35,14 +35,7 @@ struct Answer {
 }
 
 async fn api(b: &Broker, method: reqwest::Method, path: &str, body: Option<Value>) -> Answer {
-    let mut r = client()
-        .request(method, format!("{}{path}", b.api()))
-        .header("x-gitproxy-key", API_KEY);
-    if let Some(v) = body {
-        r = r
-            .header("content-type", "application/json")
-            .body(v.to_string());
-    }
+    let r = keyed_request(method, format!("{}{path}", b.api()), API_KEY, body);
     let resp = tokio::time::timeout(WAIT, r.send())
         .await
         .expect("api call hung")

@@ -7,7 +7,7 @@
 
 use gitproxy_integration_tests::harness::agent::Agent;
 use gitproxy_integration_tests::harness::broker::{Broker, BrokerSpec, ConnSpec};
-use gitproxy_integration_tests::harness::{client, WAIT};
+use gitproxy_integration_tests::harness::{client, json_call, WAIT};
 use gitproxy_integration_tests::sandbox::{
     access, demo, ProjectSpec, Sandbox, SandboxConfig, TokenSpec,
 };
@@ -67,24 +67,7 @@ fn data_dir_args() -> Vec<String> {
 }
 
 async fn api(b: &Broker, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-    let mut r = client()
-        .request(method, format!("{}{path}", b.api()))
-        .header("x-gitproxy-key", API_KEY);
-    if let Some(v) = body {
-        r = r
-            .header("content-type", "application/json")
-            .body(v.to_string());
-    }
-    let resp = tokio::time::timeout(WAIT, r.send())
-        .await
-        .expect("api call hung")
-        .expect("api call");
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap_or_default();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
+    json_call(method, format!("{}{path}", b.api()), API_KEY, body).await
 }
 
 async fn front(b: &Broker, conn: &str, path: &str) -> (u16, String) {
@@ -673,19 +656,33 @@ async fn catalogue_lists_exactly_the_developer_projects() {
         assert_eq!(got.len(), 151, "{conn}");
         assert_eq!(got.iter().copied().collect::<BTreeSet<_>>(), expected);
         assert_eq!(v["count"], 151);
+        // The effective level of each project, as seeded.
         for p in v["projects"].as_array().unwrap() {
-            assert!(p["access_level"].as_u64().unwrap() >= 30, "{p}");
+            let id = p["id"].as_u64().unwrap();
+            let want = match d.project_ids.iter().position(|x| *x == id) {
+                Some(0) | None => access::DEVELOPER,
+                Some(i) => levels[i % levels.len()],
+            };
+            assert_eq!(p["access_level"].as_u64(), Some(u64::from(want)), "{p}");
         }
-        // Keyset pagination, all pages (100 per page).
+        // Keyset pagination, all pages (100 per page): the Developer listing,
+        // then the Maintainer and Owner ones that settle each level.
         let log = gl.sb.request_log();
         let pages: Vec<&(String, String)> = log
             .iter()
             .filter(|(_, p)| p.starts_with("/api/v4/projects?"))
             .collect();
-        assert_eq!(pages.len(), 2, "{pages:?}");
-        assert!(pages.iter().all(|(_, p)| p.contains("pagination=keyset")
-            && p.contains("min_access_level=30")
-            && p.contains("membership=true")));
+        let at = |l: &str| {
+            pages
+                .iter()
+                .filter(|(_, p)| p.contains(&format!("min_access_level={l}&")))
+                .count()
+        };
+        assert_eq!(at("30"), 2, "{pages:?}");
+        assert!(at("40") >= 1 && at("50") >= 1, "{pages:?}");
+        assert!(pages
+            .iter()
+            .all(|(_, p)| p.contains("pagination=keyset") && p.contains("membership=true")));
     }
 }
 

@@ -1,12 +1,13 @@
 //! GitLab in the wild (issue 12, points 3–9): releases 14.10 to 17.x, scopes
 //! as GitLab grants them, archived and empty projects, non-`main` default
-//! branches, groups, rate limits and GitLab's failed-write answers — against
+//! branches, rate limits and GitLab's failed-write answers (groups and the
+//! write refusals through the front door: gitlab_groups.rs) — against
 //! the sandbox GitLab in each shape, with the real broker and agent binaries,
 //! through the front door in agent mode and (control plane) direct mode.
 
 use gitproxy_integration_tests::harness::agent::Agent;
 use gitproxy_integration_tests::harness::broker::{Broker, BrokerSpec, ConnSpec};
-use gitproxy_integration_tests::harness::{bin, client, WAIT};
+use gitproxy_integration_tests::harness::{bin, client, git_with_key, json_call, put_token, WAIT};
 use gitproxy_integration_tests::sandbox::{
     access, GitlabVersion, ProjectSpec, RateLimit, Sandbox, SandboxConfig, TokenSpec,
 };
@@ -54,24 +55,7 @@ impl Gitlab {
 }
 
 async fn api(b: &Broker, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-    let mut r = client()
-        .request(method, format!("{}{path}", b.api()))
-        .header("x-gitproxy-key", API_KEY);
-    if let Some(v) = body {
-        r = r
-            .header("content-type", "application/json")
-            .body(v.to_string());
-    }
-    let resp = tokio::time::timeout(WAIT, r.send())
-        .await
-        .expect("api call hung")
-        .expect("api call");
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap_or_default();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
+    json_call(method, format!("{}{path}", b.api()), API_KEY, body).await
 }
 
 async fn test_conn(b: &Broker, conn: &str) -> Value {
@@ -119,14 +103,7 @@ fn single_failure(report: &Value) -> (String, String, String) {
 }
 
 async fn set_token(b: &Broker, conn: &str, token: &str) {
-    let (s, v) = api(
-        b,
-        reqwest::Method::PUT,
-        &format!("/v1/connections/{conn}"),
-        Some(json!({ "token": token })),
-    )
-    .await;
-    assert_eq!(s, 200, "{v}");
+    put_token(&b.api(), API_KEY, conn, token).await;
 }
 
 async fn agent_check(broker: &Broker, key: &str, token: &str) -> (bool, String) {
@@ -315,26 +292,7 @@ async fn api_scope_alone_clones_and_pushes() {
     .await;
     let _agent = Agent::start("agent-scope", &b.agent_url(), key, &[]).await;
     let work = tempfile::tempdir().unwrap();
-    let git = |args: &[&str], dir: &std::path::Path| {
-        let out = std::process::Command::new("git")
-            .args([
-                "-c",
-                &format!("http.extraHeader=X-Gitproxy-Key: {API_KEY}"),
-                "-c",
-                "user.name=t",
-                "-c",
-                "user.email=t@example.invalid",
-            ])
-            .args(args)
-            .current_dir(dir)
-            .env("GIT_TERMINAL_PROMPT", "0")
-            .output()
-            .expect("git runs");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stderr).to_string(),
-        )
-    };
+    let git = |args: &[&str], dir: &std::path::Path| git_with_key(API_KEY, args, dir);
     for (conn, can_push) in [("acme", true), ("ro", false)] {
         let url = format!("{}/group/app.git", b.front(conn));
         let dest = work.path().join(conn);
@@ -642,26 +600,7 @@ async fn archived_project_refuses_pushes() {
     .await;
     let _agent = Agent::start("agent-push", &b.agent_url(), key, &[]).await;
     let work = tempfile::tempdir().unwrap();
-    let git = |args: &[&str], dir: &std::path::Path| {
-        let out = std::process::Command::new("git")
-            .args([
-                "-c",
-                &format!("http.extraHeader=X-Gitproxy-Key: {API_KEY}"),
-                "-c",
-                "user.name=t",
-                "-c",
-                "user.email=t@example.invalid",
-            ])
-            .args(args)
-            .current_dir(dir)
-            .env("GIT_TERMINAL_PROMPT", "0")
-            .output()
-            .expect("git runs");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stderr).to_string(),
-        )
-    };
+    let git = |args: &[&str], dir: &std::path::Path| git_with_key(API_KEY, args, dir);
     let dest = work.path().join("app");
     let url = format!("{}/g/app.git", b.front("acme"));
     assert!(git(&["clone", &url, dest.to_str().unwrap()], work.path()).0);

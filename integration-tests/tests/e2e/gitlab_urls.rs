@@ -8,7 +8,7 @@
 use base64::Engine;
 use gitproxy_integration_tests::harness::agent::Agent;
 use gitproxy_integration_tests::harness::broker::{Broker, BrokerSpec, ConnSpec};
-use gitproxy_integration_tests::harness::{bin, client, WAIT};
+use gitproxy_integration_tests::harness::{bin, client, json_call};
 use gitproxy_integration_tests::sandbox::{
     access, demo, ProjectSpec, Sandbox, SandboxConfig, TokenSpec,
 };
@@ -114,24 +114,13 @@ impl Env {
     }
 
     async fn api(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut r = client()
-            .request(method, format!("{}{path}", self.broker.api()))
-            .header("x-gitproxy-key", API_KEY);
-        if let Some(v) = body {
-            r = r
-                .header("content-type", "application/json")
-                .body(v.to_string());
-        }
-        let resp = tokio::time::timeout(WAIT, r.send())
-            .await
-            .expect("api call hung")
-            .expect("api call");
-        let status = resp.status().as_u16();
-        let text = resp.text().await.unwrap_or_default();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        json_call(
+            method,
+            format!("{}{path}", self.broker.api()),
+            API_KEY,
+            body,
         )
+        .await
     }
 
     async fn test_connection(&self, conn: &str) -> Value {

@@ -17,6 +17,7 @@ mod faults;
 mod forwarded;
 mod front_door_http2;
 mod gitlab_fidelity;
+mod gitlab_groups;
 mod gitlab_shapes;
 mod gitlab_url;
 mod gitlab_urls;

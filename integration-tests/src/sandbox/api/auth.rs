@@ -8,7 +8,8 @@ use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use serde_json::json;
 
 use super::{json_response, message};
-use crate::sandbox::state::{access, Project, Token};
+use crate::sandbox::groups;
+use crate::sandbox::state::{access, Project, State, Token};
 use crate::sandbox::{clock, Inner};
 
 /// An authenticated caller: the user and the token used.
@@ -191,10 +192,10 @@ pub fn api_scopes(write: bool) -> &'static [&'static str] {
     }
 }
 
-/// The caller's access level on `project` (0 when not a member).
-pub fn level(project: &Project, caller: Option<&Caller>) -> u32 {
+/// The caller's effective access level on `project` over every route (0 when none).
+pub fn level(st: &State, project: &Project, caller: Option<&Caller>) -> u32 {
     caller
-        .and_then(|c| project.access_of(c.user_id))
+        .map(|c| groups::project_access(st, project, c.user_id))
         .unwrap_or(0)
 }
 

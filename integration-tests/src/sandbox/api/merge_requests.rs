@@ -175,10 +175,13 @@ pub async fn create(
     .await
     .unwrap_or(None);
     if let Some(b) = missing {
+        // MergeRequests::BuildService#validate_branches adds the error on `:base`;
+        // the API answers every `:base` error with 422 `{"message": [...]}`
+        // (lib/api/helpers/merge_requests_helpers.rb, UNPROCESSABLE_ERROR_KEYS).
         let which = if b == source { "Source" } else { "Target" };
         return message(
-            StatusCode::BAD_REQUEST,
-            json!({ "base": [format!("{which} branch \"{b}\" does not exist")] }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!([format!("{which} branch \"{b}\" does not exist")]),
         );
     }
     let mr = {

@@ -91,7 +91,7 @@ pub fn user(inner: &Inner, caller: Option<&Caller>) -> Response<Body> {
             ("two_factor_enabled", json!(false)),
             ("external", json!(false)),
             ("private_profile", json!(false)),
-            ("bot", json!(false)),
+            ("bot", json!(user.kind.is_bot())),
         ] {
             m.insert(k.into(), val);
         }

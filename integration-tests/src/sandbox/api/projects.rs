@@ -1,6 +1,7 @@
 //! `/projects` and `/projects/:id`: visibility (all sandbox projects are private, so a
-//! caller sees the projects it is a member of), filters, ordering, both pagination
-//! styles, and the project JSON.
+//! caller sees the projects it is authorised on by any route, see
+//! [`crate::sandbox::groups`]), filters, ordering, both pagination styles, and the
+//! project JSON.
 
 use axum::body::Body;
 use http::{Response, StatusCode};
@@ -8,11 +9,39 @@ use serde_json::{json, Value};
 
 use super::auth::{api_scopes, level, require_scope, Caller};
 use super::{error, json_response, message, pagination, ApiRequest};
-use crate::sandbox::state::Project;
+use crate::sandbox::groups;
+use crate::sandbox::state::{Project, State};
 use crate::sandbox::Inner;
 
+/// The `permissions` of `Entities::ProjectWithAccess` (lib/api/entities/project_with_access.rb):
+/// `project_access` is the caller's *direct* project membership, `group_access` its highest
+/// *direct* membership of the project's group or an ancestor. Neither shows access that
+/// comes through a share, so both may be null on a project the caller reaches (GitLab
+/// documents `permissions` as membership, not as the effective level). This is the
+/// newest release's list preload (`GroupMember.max_access_members` matched over the
+/// group's `traversal_ids`); older releases filled `group_access` in lists from the
+/// project's own group only.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Permissions {
+    pub project_access: Option<u32>,
+    pub group_access: Option<u32>,
+}
+
+impl Permissions {
+    /// What GitLab shows `user_id` on `p`.
+    pub fn of(st: &State, p: &Project, user_id: Option<u64>) -> Permissions {
+        let Some(u) = user_id else {
+            return Permissions::default();
+        };
+        Permissions {
+            project_access: p.access_of(u),
+            group_access: groups::group_member_access(st, p, u),
+        }
+    }
+}
+
 /// Project JSON (`Entities::ProjectWithAccess`); `simple` gives `BasicProjectDetails`.
-pub fn project_json(inner: &Inner, p: &Project, access: u32, simple: bool) -> Value {
+pub fn project_json(inner: &Inner, p: &Project, perms: Permissions, simple: bool) -> Value {
     let ext = &inner.external_url;
     let pwn = p.path_with_namespace();
     let host = url::Url::parse(ext)
@@ -65,15 +94,16 @@ pub fn project_json(inner: &Inner, p: &Project, access: u32, simple: bool) -> Va
                     "repo_branches": format!("{ext}/api/v4/projects/{}/repository/branches", p.id),
                 }),
             );
+            // Entities::ProjectAccess / GroupAccess: `notification_level` 3 is `global`.
+            let access = |l: Option<u32>| match l {
+                Some(l) => json!({"access_level": l, "notification_level": 3}),
+                None => Value::Null,
+            };
             m.insert(
                 "permissions".into(),
                 json!({
-                    "project_access": if access > 0 {
-                        json!({"access_level": access, "notification_level": 3})
-                    } else {
-                        Value::Null
-                    },
-                    "group_access": null
+                    "project_access": access(perms.project_access),
+                    "group_access": access(perms.group_access),
                 }),
             );
         }
@@ -86,19 +116,28 @@ pub fn not_found() -> Response<Body> {
     message(StatusCode::NOT_FOUND, "404 Project Not Found")
 }
 
-/// Finds a project visible to `caller` (any membership) and the caller's level.
+/// Finds a project visible to `caller` (any route) and the caller's effective level.
 pub fn visible(
     inner: &Inner,
     id: &str,
     caller: Option<&Caller>,
 ) -> Result<(Project, u32), Response<Body>> {
+    visible_with_permissions(inner, id, caller).map(|(p, l, _)| (p, l))
+}
+
+fn visible_with_permissions(
+    inner: &Inner,
+    id: &str,
+    caller: Option<&Caller>,
+) -> Result<(Project, u32, Permissions), Response<Body>> {
     let st = inner.lock();
     let p = st.find_project(id).cloned().ok_or_else(not_found)?;
-    let lvl = level(&p, caller);
+    let lvl = level(&st, &p, caller);
     if lvl == 0 {
         return Err(not_found());
     }
-    Ok((p, lvl))
+    let perms = Permissions::of(&st, &p, caller.map(|c| c.user_id));
+    Ok((p, lvl, perms))
 }
 
 /// `GET /projects`.
@@ -129,12 +168,25 @@ pub fn list(inner: &Inner, req: &ApiRequest, caller: Option<&Caller>) -> Respons
         _ => None,
     };
     let simple = req.flag("simple");
-    let mut rows: Vec<(Project, u32)> = {
+    // `min_access_level` and `membership` both read `project_authorizations`
+    // (ProjectsFinder#collection_with_user → User#authorized_projects): the
+    // effective level over every route, not the `permissions` shown.
+    let mut rows: Vec<(Project, Permissions)> = {
         let st = inner.lock();
+        let user = caller.map(|c| c.user_id);
+        let group_levels = user
+            .map(|u| groups::group_levels(&st, u))
+            .unwrap_or_default();
         st.projects
             .iter()
-            .map(|p| (p.clone(), level(p, caller)))
+            .map(|p| {
+                let l = user
+                    .map(|u| groups::project_access_with(&st, p, u, &group_levels))
+                    .unwrap_or(0);
+                (p, l)
+            })
             .filter(|(_, l)| *l > 0 && *l >= min_level)
+            .map(|(p, _)| (p.clone(), Permissions::of(&st, p, user)))
             .filter(|(p, _)| archived.is_none_or(|a| p.archived == a))
             .filter(|(p, _)| match &search {
                 Some(s) => {
@@ -162,7 +214,7 @@ pub fn list(inner: &Inner, req: &ApiRequest, caller: Option<&Caller>) -> Respons
     };
     let body: Vec<Value> = page
         .iter()
-        .map(|(p, l)| project_json(inner, p, *l, simple))
+        .map(|(p, perms)| project_json(inner, p, *perms, simple))
         .collect();
     let mut resp = json_response(StatusCode::OK, &Value::Array(body));
     resp.headers_mut().extend(headers);
@@ -176,8 +228,8 @@ pub fn get(inner: &Inner, id: &str, caller: Option<&Caller>) -> Response<Body> {
             return r;
         }
     }
-    match visible(inner, id, caller) {
-        Ok((p, l)) => json_response(StatusCode::OK, &project_json(inner, &p, l, false)),
+    match visible_with_permissions(inner, id, caller) {
+        Ok((p, _, perms)) => json_response(StatusCode::OK, &project_json(inner, &p, perms, false)),
         Err(r) => r,
     }
 }
