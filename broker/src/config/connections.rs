@@ -81,6 +81,10 @@ pub struct Connection {
 #[derive(Debug, Default, Clone)]
 pub struct ConnectionSet {
     by_id: HashMap<String, Arc<Connection>>,
+    /// Agent-mode connections by the hex SHA-256 of their accessKey, built
+    /// once the set is complete: an agent's key is found in O(1), not by
+    /// comparing it with every connection's (a replica holds thousands).
+    by_key_sha256: HashMap<String, Arc<Connection>>,
     api_keys_sha256: Vec<String>,
 }
 
@@ -121,6 +125,7 @@ impl ConnectionSet {
             }
         }
         set.check_unique_access_keys()?;
+        set.index_access_keys();
         Ok(set)
     }
 
@@ -143,6 +148,16 @@ impl ConnectionSet {
             }
         }
         Ok(())
+    }
+
+    /// Fills [`Self::by_key_sha256`] (after [`Self::check_unique_access_keys`]).
+    fn index_access_keys(&mut self) {
+        self.by_key_sha256 = self
+            .by_id
+            .values()
+            .filter(|c| c.mode == Mode::Agent)
+            .filter_map(|c| Some((c.access_key_sha256.clone()?, c.clone())))
+            .collect();
     }
 
     /// The file's connections merged with the API store's: a field set
@@ -214,6 +229,7 @@ impl ConnectionSet {
             set.by_id.insert(conn.id.clone(), Arc::new(conn));
         }
         set.check_unique_access_keys()?;
+        set.index_access_keys();
         Ok(set)
     }
 
@@ -242,25 +258,15 @@ impl ConnectionSet {
         v
     }
 
-    /// The agent-mode connection whose accessKey this is. Every stored hash
-    /// is compared in constant time, so timing tells nothing about keys.
+    /// The agent-mode connection whose accessKey this is, found by the key's
+    /// SHA-256: a map lookup's timing can tell at most something about a
+    /// digest, nothing about the key or another tenant's stored hash
+    /// preimage; the final comparison is constant-time.
     pub fn find_by_access_key(&self, key: &str) -> Option<Arc<Connection>> {
         let hash = sha256_hex(key.as_bytes());
-        let mut found = None;
-        let mut matches = 0usize;
-        for c in self.by_id.values() {
-            if let Some(h) = &c.access_key_sha256 {
-                if ct_eq(h.as_bytes(), hash.as_bytes()) && c.mode == Mode::Agent {
-                    found = Some(c.clone());
-                    matches += 1;
-                }
-            }
-        }
-        // Refused when loading; never pick one of two tenants at random.
-        if matches > 1 {
-            return None;
-        }
-        found
+        let c = self.by_key_sha256.get(&hash)?;
+        let h = c.access_key_sha256.as_deref()?;
+        ct_eq(h.as_bytes(), hash.as_bytes()).then(|| c.clone())
     }
 
     /// True when no API key is configured (callers need none).
@@ -435,6 +441,27 @@ mod tests {
         assert!(set.api_key_ok(Some(b"api")));
         assert!(!set.api_key_ok(Some(b"nope")));
         assert!(!set.api_key_ok(None));
+    }
+
+    #[test]
+    fn finds_each_of_many_agents_by_key_and_no_direct_connection() {
+        let mut connections: Vec<_> = (0..1000)
+            .map(|i| conn(&format!("c{i}"), "agent", Some(&format!("key-{i}"))))
+            .collect();
+        connections.push(conn("direct-one", "direct", Some("direct-key")));
+        let file = FileConfig {
+            connections,
+            ..FileConfig::default()
+        };
+        let set = ConnectionSet::from_file(&file, None, b"", &Policy::default()).unwrap();
+        for i in [0, 1, 517, 999] {
+            assert_eq!(
+                set.find_by_access_key(&format!("key-{i}")).unwrap().id,
+                format!("c{i}")
+            );
+        }
+        assert!(set.find_by_access_key("direct-key").is_none());
+        assert!(set.find_by_access_key("key-1000").is_none());
     }
 
     #[test]

@@ -9,7 +9,10 @@
 //! - **front door (direct mode)**: through the broker, which calls the upstream
 //!   itself (`/gitlab/acme-direct/...`).
 //!
-//! Scenarios: `small`, `bulk`, `inflight`, `hol`, `idle`, `reconnect`, `clone`.
+//! Scenarios: `small`, `bulk`, `inflight`, `hol`, `idle`, `reconnect`,
+//! `clone`, `forward` (cluster mode: a request forwarded between replicas,
+//! [`forward`]); and, only when asked for with `--only`, `scale` (thousands
+//! of idle agents on one replica, [`scale`]; needs root for the file limit).
 //! `--quick` shrinks every size and duration (seconds in all: the smoke test),
 //! `--only a,b` runs some, `--out FILE` also writes the report there.
 //! Every table goes to stdout as Markdown as soon as its scenario is done.
@@ -21,24 +24,29 @@ use clap::Parser;
 use futures::StreamExt;
 use gitproxy_integration_tests::harness::agent::Agent;
 use gitproxy_integration_tests::harness::broker::{Broker, BrokerSpec, ConnSpec};
+use gitproxy_integration_tests::harness::fake_agent::{hello, FakeAgent};
 use gitproxy_integration_tests::harness::pattern::Pattern;
 use gitproxy_integration_tests::harness::upstream::{Upstream, JSON1K_LEN};
 use gitproxy_integration_tests::harness::{client, init};
 use gitproxy_integration_tests::sandbox::{access, ProjectSpec, Sandbox, SandboxConfig, TokenSpec};
-use gitproxy_proto::v1::tunnel_client::TunnelClient;
-use gitproxy_proto::v1::{agent_message, broker_message, AgentMessage, Hello, Pong};
+use gitproxy_proto::v1::{agent_message, broker_message, Pong};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::process::Command;
 
+#[path = "bench/forward.rs"]
+mod forward;
+#[path = "bench/scale.rs"]
+mod scale;
+
 const KEY: &str = "bench-access-key-0123456789abcdef";
 const IDLE_KEY: &str = "bench-idle-access-key-0123456789ab";
 const TOKEN: &str = "bench-connection-token-0123456789";
 
 /// Every scenario, in the order they run.
-const SCENARIOS: [&str; 7] = [
+const SCENARIOS: [&str; 9] = [
     "bulk",
     "small",
     "inflight",
@@ -46,7 +54,12 @@ const SCENARIOS: [&str; 7] = [
     "idle",
     "reconnect",
     "clone",
+    "forward",
+    "scale",
 ];
+
+/// Scenarios that run only when `--only` names them.
+const ON_REQUEST: [&str; 1] = ["scale"];
 
 #[derive(Parser, Debug)]
 #[command(
@@ -58,7 +71,8 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Run only these scenarios (comma-separated or repeated): bulk, small,
-    /// inflight, hol, idle, reconnect, clone.
+    /// inflight, hol, idle, reconnect, clone, forward; scale runs only when
+    /// named here.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Also write the report (Markdown) to this file.
@@ -77,6 +91,12 @@ struct Args {
     /// Tunnel streams for the idle scenario (default 1000, quick 50).
     #[arg(long)]
     idle_agents: Option<usize>,
+    /// Agents for the scale scenario (default 20000, quick 200).
+    #[arg(long)]
+    scale_agents: Option<usize>,
+    /// Seconds of the scale scenario's idle Redis window (default 30, quick 3).
+    #[arg(long)]
+    scale_window: Option<u64>,
 }
 
 /// Sizes and durations of one run.
@@ -90,6 +110,8 @@ struct Plan {
     idle: usize,
     reconnect_rounds: usize,
     clone_bytes: usize,
+    scale_agents: usize,
+    scale_window: u64,
     wrk: bool,
 }
 
@@ -112,7 +134,23 @@ impl Plan {
             idle: a.idle_agents.unwrap_or(if q { 50 } else { 1000 }),
             reconnect_rounds: if q { 1 } else { 3 },
             clone_bytes: if q { 2 << 20 } else { 100 << 20 },
+            scale_agents: a.scale_agents.unwrap_or(if q { 200 } else { 20_000 }),
+            scale_window: a.scale_window.unwrap_or(if q { 3 } else { 30 }),
             wrk,
+        }
+    }
+}
+
+impl Plan {
+    /// The small-request load generator's command lines, for the notes.
+    fn tool(&self) -> String {
+        if self.wrk {
+            format!(
+                "`wrk -t2 -c64 -d{s}s --latency URL` and `wrk -t1 -c1 -d{s}s --latency URL`",
+                s = self.secs
+            )
+        } else {
+            "the harness client".into()
         }
     }
 }
@@ -611,17 +649,10 @@ async fn small(plan: &Plan, env: &Env, r: &mut Report) -> Result<()> {
         (Some(t), Some(d)) => format!("{:.0} µs", t - d),
         _ => "–".into(),
     };
-    let tool = if plan.wrk {
-        format!(
-            "wrk -t2 -c64 -d{s}s --latency URL` and `wrk -t1 -c1 -d{s}s --latency URL",
-            s = plan.secs
-        )
-    } else {
-        "harness client".into()
-    };
+    let tool = plan.tool();
     let notes = vec![
         format!(
-            "GET `/api/v4/json1k` (1 KiB JSON body); {} s per run; each run: `{tool}`",
+            "GET `/api/v4/json1k` (1 KiB JSON body); {} s per run; each run: {tool}",
             plan.secs
         ),
         format!(
@@ -996,40 +1027,13 @@ impl Drop for IdleAgent {
     }
 }
 
-async fn open_idle(url: String, i: usize) -> Result<IdleAgent> {
-    let ch = tonic::transport::Endpoint::from_shared(url)?
-        .connect()
-        .await
-        .context("connect")?;
-    let mut client = TunnelClient::new(ch);
-    let (tx, rx) = tokio::sync::mpsc::channel::<AgentMessage>(8);
-    tx.send(AgentMessage {
-        msg: Some(agent_message::Msg::Hello(Hello {
-            version: env!("CARGO_PKG_VERSION").into(),
-            instance: format!("idle-{i}"),
-            capabilities: vec!["flow-control-v1".into(), "drain-v1".into()],
-            pinned_gitlab_url: String::new(),
-            holds_token: false,
-            window_bytes: 512 * 1024,
-        })),
-    })
-    .await?;
-    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    req.metadata_mut()
-        .insert("authorization", format!("Bearer {IDLE_KEY}").parse()?);
-    let mut inbound = client.connect(req).await?.into_inner();
-    match inbound.message().await? {
-        Some(m) if matches!(m.msg, Some(broker_message::Msg::Welcome(_))) => {}
-        other => bail!("expected Welcome, got {other:?}"),
-    }
+async fn open_idle(addr: std::net::SocketAddr, i: usize) -> Result<IdleAgent> {
+    let mut agent = FakeAgent::connect(addr, IDLE_KEY, hello(&format!("idle-{i}"))).await?;
     let task = tokio::spawn(async move {
-        let _client = client;
-        while let Ok(Some(m)) = inbound.message().await {
+        while let Some(m) = agent.next().await {
             if let Some(broker_message::Msg::Ping(p)) = m.msg {
-                let _ = tx
-                    .send(AgentMessage {
-                        msg: Some(agent_message::Msg::Pong(Pong { nonce: p.nonce })),
-                    })
+                agent
+                    .send(agent_message::Msg::Pong(Pong { nonce: p.nonce }))
                     .await;
             }
         }
@@ -1037,24 +1041,8 @@ async fn open_idle(url: String, i: usize) -> Result<IdleAgent> {
     Ok(IdleAgent { task })
 }
 
-fn raise_fd_limit() -> u64 {
-    unsafe {
-        let mut l = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 {
-            l.rlim_cur = l.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
-            l.rlim_cur
-        } else {
-            0
-        }
-    }
-}
-
 async fn idle(plan: &Plan, up_url: &str, r: &mut Report) -> Result<()> {
-    let limit = raise_fd_limit();
+    let limit = gitproxy_integration_tests::harness::fdlimit::raise(plan.idle as u64 * 2 + 1024);
     // This process and the broker each hold one socket per stream.
     let want = plan.idle.min((limit.saturating_sub(256)) as usize);
     // A broker of its own: memory freed by other scenarios would hide growth.
@@ -1067,9 +1055,9 @@ async fn idle(plan: &Plan, up_url: &str, r: &mut Report) -> Result<()> {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = status_kib(pid, "VmRSS:");
     let t = Instant::now();
-    let url = broker.agent_url();
+    let addr = broker.agent_addr;
     let results: Vec<Result<IdleAgent>> = futures::stream::iter(0..want)
-        .map(|i| open_idle(url.clone(), i))
+        .map(|i| open_idle(addr, i))
         .buffer_unordered(32)
         .collect()
         .await;
@@ -1362,7 +1350,9 @@ async fn main() -> Result<()> {
             );
         }
     }
-    let wanted = |s: &str| args.only.is_empty() || args.only.iter().any(|o| o == s);
+    let wanted = |s: &str| {
+        args.only.iter().any(|o| o == s) || (args.only.is_empty() && !ON_REQUEST.contains(&s))
+    };
     let mut r = Report {
         text: String::new(),
         out: args.out.clone(),
@@ -1405,6 +1395,8 @@ async fn main() -> Result<()> {
             }
             "reconnect" => reconnect(&plan, env.as_mut().unwrap(), &mut r).await,
             "clone" => clone(&plan, &mut r).await,
+            "forward" => forward::forward(&plan, &mut r).await,
+            "scale" => scale::scale(&plan, &mut r).await,
             _ => unreachable!(),
         };
         if let Err(e) = res {

@@ -76,7 +76,18 @@ impl FakeAgent {
             .connect()
             .await
             .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-        let mut client = TunnelClient::new(channel)
+        FakeAgent::handshake(TunnelClient::new(channel), key, hello).await
+    }
+
+    /// Opens the `Connect` stream on an HTTP/2 connection already made
+    /// (e.g. by the real agent's `gitproxy_agent::dial::over`) with `key`,
+    /// sends `hello` and waits for Welcome.
+    pub async fn handshake(
+        client: TunnelClient<tonic::transport::Channel>,
+        key: &str,
+        hello: Hello,
+    ) -> Result<FakeAgent, tonic::Status> {
+        let mut client = client
             .max_decoding_message_size(4 << 20)
             .max_encoding_message_size(4 << 20);
         let (tx, rx) = mpsc::channel(1024);

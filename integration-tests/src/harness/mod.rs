@@ -13,6 +13,7 @@
 //! - [`proxy`]: a real tinyproxy as the corporate proxy.
 //! - [`redis`]: a real redis-server; [`cluster`]: broker replicas sharing it;
 //!   [`haproxy`]: a real load balancer in front of them.
+//! - [`fdlimit`]: the open-file limit for benchmarks holding many sockets.
 //! - [`fake_broker`]: a scripted broker speaking the real tunnel protocol,
 //!   to drive the real agent with hostile input.
 
@@ -21,6 +22,7 @@ pub mod broker;
 pub mod cluster;
 pub mod fake_agent;
 pub mod fake_broker;
+pub mod fdlimit;
 pub mod haproxy;
 pub mod pattern;
 pub mod pki;

@@ -34,6 +34,7 @@ async fn bench_quick_mode_prints_every_scenario() {
         "### Idle agents on one broker",
         "### Reconnect after a broker restart",
         "### git clone of a",
+        "### Forwarded between replicas (cluster mode)",
     ] {
         assert!(
             stdout.contains(heading),
