@@ -21,6 +21,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // built from a `Channel` with `new` instead.
     tonic_prost_build::configure()
         .build_transport(false)
+        // Small initial stream buffers: see src/codec.rs.
+        .codec_path("crate::codec::SmallBufferCodec")
         .bytes(".gitproxy.v1.Data.data")
         .file_descriptor_set_path(out.join("gitproxy_descriptor.bin"))
         .compile_protos(&protos, &["."])?;

@@ -6,6 +6,8 @@
 
 #![allow(clippy::all, missing_docs)]
 
+pub mod codec;
+
 /// Package `gitproxy.v1`.
 pub mod v1 {
     tonic::include_proto!("gitproxy.v1");
