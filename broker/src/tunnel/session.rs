@@ -111,7 +111,7 @@ pub struct AgentSession {
     /// When it connected.
     pub connected_since: SystemTime,
     settings: SessionSettings,
-    tx: mpsc::Sender<BrokerMessage>,
+    tx: mpsc::Sender<Box<BrokerMessage>>,
     control: Arc<Control>,
     pending: Mutex<HashMap<u64, Pending>>,
     next_id: AtomicU64,
@@ -160,7 +160,7 @@ impl AgentSession {
         conn_id: String,
         agent: AgentIdentity,
         settings: SessionSettings,
-        tx: mpsc::Sender<BrokerMessage>,
+        tx: mpsc::Sender<Box<BrokerMessage>>,
         control: Arc<Control>,
         closed: CancellationToken,
         observer: Arc<Observer>,
@@ -241,7 +241,7 @@ impl AgentSession {
         };
         let tx = self.tx.clone();
         tokio::spawn(async move {
-            let _ = tx.send(msg).await;
+            let _ = tx.send(Box::new(msg)).await;
         });
     }
 
@@ -290,7 +290,7 @@ impl AgentSession {
         let msg = BrokerMessage {
             msg: Some(Out::RequestHead(head)),
         };
-        if self.is_closed() || self.tx.send(msg).await.is_err() {
+        if self.is_closed() || self.tx.send(Box::new(msg)).await.is_err() {
             return Err(GitproxyError::new(
                 ErrorCode::AgentDisconnected,
                 "the agent went away before the request could be sent",
@@ -351,9 +351,9 @@ impl AgentSession {
             };
             match frame {
                 None => {
-                    let end = BrokerMessage {
+                    let end = Box::new(BrokerMessage {
                         msg: Some(Out::End(End { id })),
-                    };
+                    });
                     tokio::select! {
                         _ = cancel.cancelled() => {}
                         _ = self.tx.send(end) => {}
@@ -379,9 +379,9 @@ impl AgentSession {
                     while !data.is_empty() {
                         let part = data.split_to(data.len().min(max));
                         let n = part.len() as u64;
-                        let msg = BrokerMessage {
+                        let msg = Box::new(BrokerMessage {
                             msg: Some(Out::Data(Data { id, data: part })),
-                        };
+                        });
                         let sent = tokio::select! {
                             _ = cancel.cancelled() => false,
                             ok = async {
@@ -503,7 +503,7 @@ impl AgentSession {
                     }
                     self.violations.flush();
                     nonce += 1;
-                    let _ = self.tx.try_send(BrokerMessage { msg: Some(Out::Ping(Ping { nonce })) });
+                    let _ = self.tx.try_send(Box::new(BrokerMessage { msg: Some(Out::Ping(Ping { nonce })) }));
                 }
                 _ = async { tokio::time::sleep_until(age_limit.unwrap_or_else(Instant::now)).await }, if age_limit.is_some() && !self.is_draining() => {
                     self.drain("max connection age reached");

@@ -25,7 +25,7 @@ struct Harness {
     registry: Arc<Registry>,
     observer: Arc<Observer>,
     heads: Vec<(u64, HeadReceiver)>,
-    _out: mpsc::Receiver<BrokerMessage>,
+    _out: mpsc::Receiver<Box<BrokerMessage>>,
 }
 
 fn settings() -> SessionSettings {
