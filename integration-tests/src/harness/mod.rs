@@ -19,6 +19,7 @@
 
 pub mod agent;
 pub mod broker;
+pub mod clients;
 pub mod cluster;
 pub mod fake_agent;
 pub mod fake_broker;

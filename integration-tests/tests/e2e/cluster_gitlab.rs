@@ -8,6 +8,7 @@
 
 use gitproxy_integration_tests::harness::agent::Agent;
 use gitproxy_integration_tests::harness::broker::{Broker, BrokerSpec, ConnSpec};
+use gitproxy_integration_tests::harness::clients::{no_proxy, python, run};
 use gitproxy_integration_tests::harness::cluster::{start_replicas, ClusterFiles, PEER_SECRET};
 use gitproxy_integration_tests::harness::haproxy::{agent_backends, Haproxy, Mode};
 use gitproxy_integration_tests::harness::pattern::Pattern;
@@ -15,7 +16,7 @@ use gitproxy_integration_tests::harness::redis::Redis;
 use gitproxy_integration_tests::harness::{client, until, WAIT};
 use gitproxy_integration_tests::sandbox::{access, ProjectSpec, Sandbox, SandboxConfig, TokenSpec};
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 use tokio::process::Command;
@@ -23,51 +24,7 @@ use tokio::process::Command;
 const KEY: &str = "cluster-fidelity-key-0123456789abcdef";
 const CONN_TOKEN: &str = "testpat-cluster-conn-token-0123456";
 const EXTERNAL_URL: &str = "http://gitlab.sandbox.internal";
-const PYTHON_TIMEOUT: Duration = Duration::from_secs(180);
 const GIT_TIMEOUT: Duration = Duration::from_secs(300);
-
-fn no_proxy(cmd: &mut Command) {
-    for v in [
-        "http_proxy",
-        "https_proxy",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "all_proxy",
-        "ALL_PROXY",
-    ] {
-        cmd.env_remove(v);
-    }
-    cmd.env("no_proxy", "127.0.0.1,localhost")
-        .env("NO_PROXY", "127.0.0.1,localhost");
-}
-
-async fn run(mut cmd: Command, timeout: Duration, what: &str) -> Output {
-    cmd.kill_on_drop(true).stdin(std::process::Stdio::null());
-    match tokio::time::timeout(timeout, cmd.output()).await {
-        Ok(Ok(o)) => o,
-        Ok(Err(e)) => panic!("{what}: cannot run: {e}"),
-        Err(_) => panic!("{what}: no answer within {timeout:?}"),
-    }
-}
-
-async fn python(script: &str, args: &[&str], token: &str) -> Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("python")
-        .join(script);
-    let mut cmd = Command::new("python3");
-    cmd.arg(&path).args(args).env("GITLAB_TOKEN", token);
-    no_proxy(&mut cmd);
-    let out = run(cmd, PYTHON_TIMEOUT, script).await;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{script} {args:?} failed ({}):\n{}\n{stdout}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_str(stdout.trim())
-        .unwrap_or_else(|e| panic!("{script}: not JSON ({e}): {stdout}"))
-}
 
 async fn git_ok(dir: &Path, args: &[&str]) -> Output {
     let mut cmd = Command::new("git");

@@ -9,6 +9,7 @@
 
 use gitproxy_integration_tests::harness::agent::Agent;
 use gitproxy_integration_tests::harness::broker::{Broker, BrokerSpec, ConnSpec};
+use gitproxy_integration_tests::harness::clients::{no_proxy, run};
 use gitproxy_integration_tests::harness::pki::Ca;
 use gitproxy_integration_tests::sandbox::{access, ProjectSpec, Sandbox, SandboxConfig, TokenSpec};
 use std::path::{Path, PathBuf};
@@ -105,31 +106,6 @@ impl Env {
     }
 }
 
-/// Loopback never through a proxy.
-fn no_proxy(cmd: &mut Command) {
-    for v in [
-        "http_proxy",
-        "https_proxy",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "all_proxy",
-        "ALL_PROXY",
-    ] {
-        cmd.env_remove(v);
-    }
-    cmd.env("no_proxy", "127.0.0.1,localhost")
-        .env("NO_PROXY", "127.0.0.1,localhost");
-}
-
-async fn run(mut cmd: Command, what: &str) -> Output {
-    cmd.kill_on_drop(true).stdin(std::process::Stdio::null());
-    match tokio::time::timeout(CMD_TIMEOUT, cmd.output()).await {
-        Ok(Ok(o)) => o,
-        Ok(Err(e)) => panic!("{what}: cannot run (is it installed?): {e}"),
-        Err(_) => panic!("{what}: no answer within {CMD_TIMEOUT:?}"),
-    }
-}
-
 /// One answer as curl saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Answer {
@@ -157,7 +133,7 @@ async fn curl(env: &Env, args: &[&str]) -> Answer {
     }
     cmd.args(args);
     no_proxy(&mut cmd);
-    let out = run(cmd, &format!("curl {args:?}")).await;
+    let out = run(cmd, CMD_TIMEOUT, &format!("curl {args:?}")).await;
     assert!(
         out.status.success(),
         "curl {args:?} failed ({}): {}",
@@ -395,7 +371,7 @@ async fn git_clone(env: &Env, dir: &Path, url: &str, version: &str) -> Output {
         cmd.env("GIT_SSL_CAINFO", ca);
     }
     no_proxy(&mut cmd);
-    run(cmd, &format!("git clone {url}")).await
+    run(cmd, CMD_TIMEOUT, &format!("git clone {url}")).await
 }
 
 fn tail(s: &str) -> String {

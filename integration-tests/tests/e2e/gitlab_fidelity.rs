@@ -12,13 +12,14 @@ use base64::Engine;
 use gitproxy_integration_tests::harness::agent::Agent;
 use gitproxy_integration_tests::harness::broker::{Broker, BrokerSpec, ConnSpec};
 use gitproxy_integration_tests::harness::client;
+use gitproxy_integration_tests::harness::clients::{no_proxy, python, run};
 use gitproxy_integration_tests::harness::pattern::Pattern;
 use gitproxy_integration_tests::sandbox::{
     access, demo, ProjectSpec, Sandbox, SandboxConfig, TokenSpec,
 };
 use serde_json::{json, Value};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 use tokio::process::Command;
@@ -38,7 +39,6 @@ const SCOPE_TOKEN: &str = "testpat-read-repo-only-0000000003";
 const EXTERNAL_URL: &str = "http://gitlab.sandbox.internal";
 /// The agent-mode and the direct-mode connection.
 const MODES: [&str; 2] = ["acme", "acme-direct"];
-const PYTHON_TIMEOUT: Duration = Duration::from_secs(180);
 const GIT_TIMEOUT: Duration = Duration::from_secs(300);
 
 struct Env {
@@ -169,52 +169,6 @@ impl Env {
             a.proc.assert_no_secrets(&secrets);
         }
     }
-}
-
-/// Environment for child clients: loopback never through a proxy.
-fn no_proxy(cmd: &mut Command) {
-    for v in [
-        "http_proxy",
-        "https_proxy",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "all_proxy",
-        "ALL_PROXY",
-    ] {
-        cmd.env_remove(v);
-    }
-    cmd.env("no_proxy", "127.0.0.1,localhost")
-        .env("NO_PROXY", "127.0.0.1,localhost");
-}
-
-async fn run(mut cmd: Command, timeout: Duration, what: &str) -> Output {
-    cmd.kill_on_drop(true).stdin(std::process::Stdio::null());
-    match tokio::time::timeout(timeout, cmd.output()).await {
-        Ok(Ok(o)) => o,
-        Ok(Err(e)) => panic!("{what}: cannot run: {e}"),
-        Err(_) => panic!("{what}: no answer within {timeout:?}"),
-    }
-}
-
-/// Runs `integration-tests/python/<script>` with `GITLAB_TOKEN`; returns its
-/// JSON output, failing the test on a non-zero exit (a warning included).
-async fn python(script: &str, args: &[&str], token: &str) -> Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("python")
-        .join(script);
-    let mut cmd = Command::new("python3");
-    cmd.arg(&path).args(args).env("GITLAB_TOKEN", token);
-    no_proxy(&mut cmd);
-    let out = run(cmd, PYTHON_TIMEOUT, script).await;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{script} {args:?} failed ({}):\n{}\n{stdout}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_str(stdout.trim())
-        .unwrap_or_else(|e| panic!("{script}: not JSON ({e}): {stdout}"))
 }
 
 /// Runs git with no credential helper, no user or system configuration, and

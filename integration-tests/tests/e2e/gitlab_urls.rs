@@ -8,6 +8,7 @@
 use base64::Engine;
 use gitproxy_integration_tests::harness::agent::Agent;
 use gitproxy_integration_tests::harness::broker::{Broker, BrokerSpec, ConnSpec};
+use gitproxy_integration_tests::harness::clients;
 use gitproxy_integration_tests::harness::{bin, client, json_call};
 use gitproxy_integration_tests::sandbox::{
     access, demo, ProjectSpec, Sandbox, SandboxConfig, TokenSpec,
@@ -163,25 +164,10 @@ impl Env {
     }
 }
 
+/// A client program on loopback, never through a proxy.
 async fn run(mut cmd: Command, what: &str) -> Output {
-    for v in [
-        "http_proxy",
-        "https_proxy",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "all_proxy",
-        "ALL_PROXY",
-    ] {
-        cmd.env_remove(v);
-    }
-    cmd.env("NO_PROXY", "127.0.0.1,localhost")
-        .kill_on_drop(true)
-        .stdin(std::process::Stdio::null());
-    match tokio::time::timeout(TIMEOUT, cmd.output()).await {
-        Ok(Ok(o)) => o,
-        Ok(Err(e)) => panic!("{what}: cannot run: {e}"),
-        Err(_) => panic!("{what}: no answer within {TIMEOUT:?}"),
-    }
+    clients::no_proxy(&mut cmd);
+    clients::run(cmd, TIMEOUT, what).await
 }
 
 /// Real git with the token as GitLab expects it, no user or system config.
