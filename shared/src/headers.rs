@@ -102,6 +102,21 @@ pub fn response_to_wire(headers: &HeaderMap) -> Vec<Header> {
         .collect()
 }
 
+/// A response head passed on as it is (another replica's answer): what
+/// [`response_to_wire`] drops is removed in place, the rest is not copied.
+pub fn strip_response(mut headers: HeaderMap) -> HeaderMap {
+    let listed = connection_listed(&headers);
+    let dropped: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_dropped(n.as_str(), &listed))
+        .cloned()
+        .collect();
+    for n in dropped {
+        headers.remove(n);
+    }
+    headers
+}
+
 /// Rebuilds a header map from the wire, dropping anything invalid or
 /// hop-by-hop (the peer's filter is not trusted). Errors when there are more
 /// than [`MAX_HEADER_COUNT`] headers or their total size exceeds
@@ -144,28 +159,61 @@ pub fn wire_size(headers: &[Header]) -> usize {
 mod tests {
     use super::*;
 
+    /// A header map from name/value pairs (a repeated name is appended).
+    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in pairs {
+            h.append(*n, HeaderValue::from_static(v));
+        }
+        h
+    }
+
     #[test]
     fn strips_hop_by_hop_and_own_headers() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            "connection",
-            HeaderValue::from_static("keep-alive, x-custom"),
-        );
-        h.insert("x-custom", HeaderValue::from_static("1"));
-        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
-        h.insert("x-gitproxy-key", HeaderValue::from_static("secret"));
-        h.insert("host", HeaderValue::from_static("broker"));
-        h.insert("content-length", HeaderValue::from_static("3"));
-        h.insert("private-token", HeaderValue::from_static("t"));
-        h.insert("accept", HeaderValue::from_static("application/json"));
-        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
-        h.insert("forwarded", HeaderValue::from_static("for=10.0.0.1"));
-        h.insert("x-real-ip", HeaderValue::from_static("10.0.0.1"));
-        h.insert("x-forwarded-host", HeaderValue::from_static("evil"));
+        let h = map(&[
+            ("connection", "keep-alive, x-custom"),
+            ("x-custom", "1"),
+            ("transfer-encoding", "chunked"),
+            ("x-gitproxy-key", "secret"),
+            ("host", "broker"),
+            ("content-length", "3"),
+            ("private-token", "t"),
+            ("accept", "application/json"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("forwarded", "for=10.0.0.1"),
+            ("x-real-ip", "10.0.0.1"),
+            ("x-forwarded-host", "evil"),
+        ]);
         let wire = request_to_wire(&h);
         let names: Vec<_> = wire.iter().map(|h| h.name.as_str()).collect();
         assert_eq!(names.len(), 2, "{names:?}");
         assert!(names.contains(&"private-token") && names.contains(&"accept"));
+    }
+
+    #[test]
+    fn strip_response_drops_what_response_to_wire_drops() {
+        let h = map(&[
+            ("connection", "close, x-custom"),
+            ("x-custom", "1"),
+            ("transfer-encoding", "chunked"),
+            ("x-gitproxy-replica", "r0"),
+            ("content-length", "3"),
+            ("link", "<a>; rel=\"next\""),
+            ("link", "<b>; rel=\"last\""),
+        ]);
+        let mut wire: Vec<_> = response_to_wire(&h)
+            .into_iter()
+            .map(|h| (h.name, h.value))
+            .collect();
+        let mut kept: Vec<_> = strip_response(h)
+            .iter()
+            .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
+            .collect();
+        // Same headers; the map may order names differently.
+        wire.sort();
+        kept.sort();
+        assert_eq!(kept, wire);
+        assert_eq!(kept.len(), 3, "{kept:?}");
     }
 
     #[test]

@@ -130,8 +130,13 @@ where
         }
     }
 
+    /// Also true once a body of known length has gone out in full, so that
+    /// an HTTP/2 server (the peer listener, an h2 caller) marks the last DATA
+    /// frame END_STREAM instead of sending an empty frame after it, and the
+    /// receiving side never resets a stream it has read to its end. HTTP/1.1
+    /// stops at `Content-Length` the same way.
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.is_end_stream() || self.expected.is_some_and(|n| n == self.bytes_out)
     }
 
     fn size_hint(&self) -> SizeHint {

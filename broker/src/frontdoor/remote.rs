@@ -253,7 +253,7 @@ pub async fn forward(
                 ),
             )
         })?;
-        *req.version_mut() = Version::HTTP_2;
+        *req.version_mut() = Version::HTTP_11;
         *req.headers_mut() = to_peer.clone();
         tried.push(target.replica.clone());
         let resp = match cluster.peers.send(&target.peer, req).await {
@@ -332,8 +332,7 @@ fn answer(
 ) -> Response<Body> {
     let status = resp.status().as_u16();
     let (rp, rbody) = resp.into_parts();
-    let wire = headers::response_to_wire(&rp.headers);
-    let mut hdrs = headers::from_wire(&wire).unwrap_or_default();
+    let mut hdrs = headers::strip_response(rp.headers);
     if cluster.settings.replica_header {
         if let Ok(v) = HeaderValue::from_str(&replica) {
             hdrs.insert(REPLICA_HEADER, v);

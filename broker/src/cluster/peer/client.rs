@@ -1,6 +1,14 @@
-//! The client side of the peer channel: one HTTP/2 connection per peer
-//! address, dialled on first use, shared by every request to that replica
-//! and dialled again when it closes.
+//! The client side of the peer channel: a pool of keep-alive HTTP/1.1
+//! connections per peer address, shared by every request to that replica.
+//!
+//! HTTP/1.1 rather than one multiplexed HTTP/2 connection: a forwarded
+//! request then costs both replicas what a caller's request costs (no HPACK,
+//! stream state or flow-control windows on top), a finished response needs
+//! no END_STREAM/RST_STREAM exchange, and a bulk transfer has a TCP
+//! connection of its own instead of sharing one connection window with
+//! everything else. The price is one TCP connection per request in flight
+//! between two replicas; idle ones are kept ([`POOL_IDLE_PER_PEER`], for
+//! [`POOL_IDLE_TIMEOUT`]) so the steady state dials nothing.
 //!
 //! A request is either answered, or fails in one of two ways the forwarder
 //! treats differently ([`PeerError`]): the replica could not be reached
@@ -8,20 +16,20 @@
 //! the request was sent (it may have reached GitLab).
 
 use super::{
-    AUTH_HEADER, CONNECTION_WINDOW, CONNECT_TIMEOUT, FROM_HEADER, KEEPALIVE_INTERVAL,
-    KEEPALIVE_TIMEOUT, REDIAL_AFTER, STREAM_WINDOW,
+    AUTH_HEADER, CONNECT_TIMEOUT, FROM_HEADER, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT,
+    POOL_IDLE_PER_PEER, POOL_IDLE_TIMEOUT, REDIAL_AFTER,
 };
 use bytes::Bytes;
 use gitproxy_shared::Secret;
 use http::{HeaderValue, Request, Response};
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
-use hyper::client::conn::http2::{self, SendRequest};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Instant;
-use tracing::debug;
 
 /// Boxed body error.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -49,23 +57,17 @@ pub enum PeerError {
     },
 }
 
-#[derive(Default)]
-struct Conn {
-    sender: tokio::sync::Mutex<Option<SendRequest<PeerBody>>>,
-    /// Last failed dial (time, reason).
-    failed: Mutex<Option<(Instant, String)>>,
-}
-
-/// Most peer addresses remembered; beyond, those without a connection are
-/// forgotten (replicas come and go with their addresses).
+/// Most peer addresses whose last failed dial is remembered.
 const MAX_PEERS: usize = 256;
 
-/// Pooled HTTP/2 connections to the other replicas.
+/// Pooled HTTP/1.1 connections to the other replicas.
 pub struct PeerClient {
     secret: HeaderValue,
     from: HeaderValue,
-    conns: Mutex<HashMap<String, Arc<Conn>>>,
-    h2: http2::Builder<TokioExecutor>,
+    client: Client<HttpConnector, PeerBody>,
+    /// Last failed dial per address (time, reason): requests fail at once
+    /// for [`REDIAL_AFTER`] instead of each waiting for the connect timeout.
+    failed: Mutex<HashMap<String, (Instant, String)>>,
 }
 
 impl PeerClient {
@@ -77,19 +79,25 @@ impl PeerClient {
         secret.set_sensitive(true);
         let from = HeaderValue::from_str(replica_id)
             .map_err(|_| anyhow::anyhow!("unusable --replica-id"))?;
-        let mut h2 = http2::Builder::new(TokioExecutor::new());
-        h2.timer(TokioTimer::new())
-            .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .keep_alive_interval(KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true)
-            .max_header_list_size(gitproxy_shared::headers::MAX_HEADER_BYTES as u32 * 2);
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        // A frozen or partitioned replica is noticed by TCP keep-alive on
+        // idle pooled connections (a request in flight has its own timeouts).
+        http.set_keepalive(Some(KEEPALIVE_INTERVAL));
+        http.set_keepalive_interval(Some(KEEPALIVE_TIMEOUT / 3));
+        http.set_keepalive_retries(Some(3));
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_max_idle_per_host(POOL_IDLE_PER_PEER)
+            .build(http);
         Ok(PeerClient {
             secret,
             from,
-            conns: Mutex::new(HashMap::new()),
-            h2,
+            client,
+            failed: Mutex::new(HashMap::new()),
         })
     }
 
@@ -99,100 +107,98 @@ impl PeerClient {
         addr: &str,
         mut req: Request<PeerBody>,
     ) -> Result<Response<Incoming>, PeerError> {
+        if let Some(why) = self.recently_failed(addr) {
+            return Err(PeerError::Unreachable {
+                addr: addr.to_string(),
+                why,
+            });
+        }
         let h = req.headers_mut();
         h.insert(AUTH_HEADER, self.secret.clone());
         h.insert(FROM_HEADER, self.from.clone());
-        let lost = |e: hyper::Error| PeerError::Lost {
-            addr: addr.to_string(),
-            why: e.to_string(),
-        };
-        let mut sender = self.sender(addr, false).await?;
-        match sender.try_send_request(req).await {
+        *req.version_mut() = http::Version::HTTP_11;
+        match self.client.request(req).await {
             Ok(r) => Ok(r),
-            Err(mut e) => match e.take_message() {
-                // The pooled connection closed before the request left:
-                // nothing was sent, dial once more.
-                Some(req) => {
-                    let mut sender = self.sender(addr, true).await?;
-                    sender.send_request(req).await.map_err(lost)
-                }
-                None => Err(lost(e.into_error())),
-            },
+            // No connection: nothing was sent. (A pooled connection that
+            // closed before the request left is retried on a fresh one by
+            // the pool itself.)
+            Err(e) if e.is_connect() => {
+                let why = error_chain(&e);
+                self.remember_failure(addr, &why);
+                Err(PeerError::Unreachable {
+                    addr: addr.to_string(),
+                    why,
+                })
+            }
+            Err(e) => Err(PeerError::Lost {
+                addr: addr.to_string(),
+                why: error_chain(&e),
+            }),
         }
     }
 
-    fn conn(&self, addr: &str) -> Arc<Conn> {
-        let mut map = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = map.get(addr) {
-            return c.clone();
+    fn recently_failed(&self, addr: &str) -> Option<String> {
+        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        match failed.get(addr) {
+            Some((at, why)) if at.elapsed() < REDIAL_AFTER => Some(why.clone()),
+            Some(_) => {
+                failed.remove(addr);
+                None
+            }
+            None => None,
         }
-        if map.len() >= MAX_PEERS {
-            map.retain(|_, c| {
-                c.sender
-                    .try_lock()
-                    .map(|s| s.as_ref().is_some_and(|s| !s.is_closed()))
-                    .unwrap_or(true)
-            });
-        }
-        map.entry(addr.to_string()).or_default().clone()
     }
 
-    async fn sender(&self, addr: &str, redial: bool) -> Result<SendRequest<PeerBody>, PeerError> {
-        let conn = self.conn(addr);
-        let mut slot = conn.sender.lock().await;
-        if let Some(s) = slot.as_ref().filter(|s| !redial && !s.is_closed()) {
-            return Ok(s.clone());
+    fn remember_failure(&self, addr: &str, why: &str) {
+        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        if failed.len() >= MAX_PEERS {
+            failed.retain(|_, (at, _)| at.elapsed() < REDIAL_AFTER);
         }
-        *slot = None;
-        let unreachable = |why: String| PeerError::Unreachable {
-            addr: addr.to_string(),
-            why,
-        };
-        if let Some((at, why)) = conn
-            .failed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-        {
-            if at.elapsed() < REDIAL_AFTER {
-                return Err(unreachable(why.clone()));
-            }
+        if failed.len() < MAX_PEERS {
+            failed.insert(addr.to_string(), (Instant::now(), why.to_string()));
         }
-        let dial = async {
-            let tcp = tokio::net::TcpStream::connect(addr)
-                .await
-                .map_err(|e| e.to_string())?;
-            let _ = tcp.set_nodelay(true);
-            self.h2
-                .handshake::<_, PeerBody>(TokioIo::new(tcp))
-                .await
-                .map_err(|e| e.to_string())
-        };
-        let r = match tokio::time::timeout(CONNECT_TIMEOUT, dial).await {
-            Ok(r) => r,
-            Err(_) => Err(format!(
-                "no connection within {}s",
-                CONNECT_TIMEOUT.as_secs_f32()
-            )),
-        };
-        match r {
-            Ok((sender, connection)) => {
-                *conn.failed.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                let peer = addr.to_string();
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        debug!(peer = %peer, "peer connection ended: {e}");
-                    }
-                });
-                debug!(peer = %addr, "peer connection opened");
-                *slot = Some(sender.clone());
-                Ok(sender)
-            }
-            Err(why) => {
-                *conn.failed.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some((Instant::now(), why.clone()));
-                Err(unreachable(why))
-            }
+    }
+}
+
+/// The error and its sources on one line ("client error (Connect): tcp
+/// connect error: Connection refused").
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
         }
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn a_peer_nobody_listens_on_is_unreachable_and_remembered() {
+        let secret = Secret::new("testpat-peer-secret".to_string());
+        let c = PeerClient::new(&secret, "r0").unwrap();
+        // A port nobody listens on: bind, learn the port, close.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        drop(l);
+        let mut req = Request::new(
+            http_body_util::Empty::<Bytes>::new()
+                .map_err(|e| match e {})
+                .boxed_unsync(),
+        );
+        *req.uri_mut() = format!("http://{addr}/gitlab/acme/x").parse().unwrap();
+        let e = c.send(&addr, req).await.unwrap_err();
+        assert!(matches!(e, PeerError::Unreachable { .. }), "{e}");
+        assert!(!e.to_string().contains("testpat"), "{e}");
+        assert!(c.recently_failed(&addr).is_some());
+        assert!(c.recently_failed("127.0.0.1:1").is_none());
     }
 }

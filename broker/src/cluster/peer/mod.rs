@@ -8,7 +8,8 @@
 //!   time); anything else is answered 401 and logged, rate-limited. It
 //!   serves only `/gitlab/{connection}/...` of this broker's own
 //!   connections, **locally**: a forwarded request is never forwarded again.
-//! - [`client`]: one pooled HTTP/2 connection per peer address.
+//! - [`client`]: pooled keep-alive HTTP/1.1 connections per peer address
+//!   (why not HTTP/2: see the module).
 //! - [`replay`]: a request body whose first bytes are kept, so a request a
 //!   peer refused before using it (`agent_not_connected`) can go elsewhere.
 //!
@@ -35,23 +36,27 @@ pub const FROM_HEADER: &str = "x-gitproxy-peer-from";
 /// front-door request (`--replica-header`).
 pub const REPLICA_HEADER: &str = "x-gitproxy-replica";
 
-/// Most open connections on the peer listener (replicas keep one each).
-pub const MAX_PEER_CONNECTIONS: usize = 1024;
-/// HTTP/2 stream window, both directions: one bulk transfer is not capped
-/// by the 64 KiB default.
+/// Most open connections on the peer listener: one per request in flight
+/// from another replica (HTTP/1.1), plus the idle ones replicas keep.
+pub const MAX_PEER_CONNECTIONS: usize = 4096;
+/// Idle connections a replica keeps to each peer.
+pub const POOL_IDLE_PER_PEER: usize = 256;
+/// How long an idle pooled connection to a peer is kept.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// HTTP/2 stream window on the peer listener (replicas send HTTP/1.1; the
+/// listener still understands h2c), both directions.
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
-/// HTTP/2 connection window (all requests between two replicas share one
-/// connection).
+/// HTTP/2 connection window on the peer listener.
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
-/// Limit on dialling a peer (TCP and the HTTP/2 handshake).
+/// Limit on dialling a peer.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// After a failed dial, requests fail at once for this long instead of
 /// each waiting for the connect timeout.
 pub const REDIAL_AFTER: Duration = Duration::from_secs(1);
-/// HTTP/2 pings on peer connections (a frozen replica is noticed within
-/// interval + timeout while requests run).
+/// TCP keep-alive idle time on pooled peer connections (a frozen replica's
+/// idle connections are dropped within interval + timeout).
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-/// How long a ping may go unanswered.
+/// How long keep-alive probes may go unanswered.
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Request body bytes kept for a second attempt elsewhere.
 pub const REPLAY_BYTES: usize = 64 * 1024;

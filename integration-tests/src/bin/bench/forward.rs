@@ -123,7 +123,7 @@ pub async fn forward(plan: &Plan, r: &mut Report) -> Result<()> {
     let requests: u64 = c64.iter().chain(&c1).map(|l| l.requests).sum();
     let tool = plan.tool();
     let notes = [
-        format!("GET `/api/v4/json1k` (1 KiB JSON); a real `redis-server`, replicas r0 and r1 in cluster mode (peer channel: h2c with the shared secret), one agent connected to r0; local = r0's front door, forwarded = r1's; {} s per run with {tool}", plan.secs),
+        format!("GET `/api/v4/json1k` (1 KiB JSON); a real `redis-server`, replicas r0 and r1 in cluster mode (peer channel: pooled keep-alive HTTP/1.1 with the shared secret), one agent connected to r0; local = r0's front door, forwarded = r1's; {} s per run with {tool}", plan.secs),
         format!(
             "added p50 latency of the forwarded hop at c=1: forwarded − local = **{:.0} µs** (target ≤ 150 µs)",
             c1[2].p50_us - c1[1].p50_us
