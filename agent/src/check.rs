@@ -7,23 +7,18 @@
 //! when the agent holds a token: token valid, token scopes, projects found.
 
 use crate::config::AgentConfig;
-use crate::dial::{self, DialError};
-use crate::session::CAPABILITIES;
+use crate::dial;
+use crate::session::{handshake, SessionError};
 use base64::Engine;
-use gitproxy_proto::v1::{
-    agent_message::Msg as Out, broker_message::Msg as In, AgentMessage, Hello,
-};
+use gitproxy_proto::v1::AgentMessage;
 use gitproxy_shared::errors::ErrorCode;
 use gitproxy_shared::gitlab_probe;
-use gitproxy_shared::sanitize;
 use gitproxy_shared::scopes;
 use gitproxy_shared::tunnel::outbound::{Control, ControlFrame, Outbound};
 use gitproxy_shared::upstream::{Upstream, UpstreamConfig};
 use http::{HeaderMap, HeaderValue, Method};
 use std::process::ExitCode;
-use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use tonic::metadata::MetadataValue;
 
 /// Scopes gitproxy needs (API calls, clone, push).
 
@@ -491,111 +486,21 @@ async fn git_capability(upstream: &Upstream, token: &str, pwn: &str) -> (Status,
     )
 }
 
-/// Opens `Tunnel/Connect` over `io`, sends Hello and waits for Welcome;
-/// returns the connection's GitLab URL, or the failure and its fix.
+/// Opens `Tunnel/Connect` over `io` with the sessions' own handshake
+/// (Hello, Welcome and its validation); returns the connection's GitLab URL,
+/// or the failure and its fix.
 async fn handshake(cfg: &AgentConfig, io: Box<dyn dial::Io>) -> Result<String, (String, String)> {
-    let mut client = dial::over(io)
-        .await
-        .map_err(|e: DialError| (e.to_string(), e.hint().to_string()))?;
+    let fail = |e: SessionError| (e.to_string(), e.hint().to_string());
+    let mut client = dial::over(io).await.map_err(|e| fail(e.into()))?;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let hello = AgentMessage {
-        msg: Some(Out::Hello(Hello {
-            version: gitproxy_shared::VERSION.to_string(),
-            instance: format!("{}-check", cfg.instance),
-            capabilities: CAPABILITIES.iter().map(|s| s.to_string()).collect(),
-            pinned_gitlab_url: cfg
-                .gitlab_url
-                .as_ref()
-                .map(|u| u.to_string())
-                .unwrap_or_default(),
-            holds_token: cfg.gitlab_token.is_some(),
-            window_bytes: cfg.flow.window_bytes,
-        })),
-    };
-    let _ = tx.try_send(hello);
     let close = CancellationToken::new();
     let to_msg: fn(ControlFrame) -> AgentMessage = |_| AgentMessage { msg: None };
-    let mut req =
-        tonic::Request::new(Outbound::new(Control::new(), rx, to_msg).closed_by(close.clone()));
-    let mut auth =
-        MetadataValue::try_from(format!("Bearer {}", cfg.access_key.expose())).map_err(|_| {
-            (
-                "the accessKey holds characters not allowed in a header".to_string(),
-                String::new(),
-            )
-        })?;
-    auth.set_sensitive(true);
-    req.metadata_mut().insert("authorization", auth);
-    let wrong_key = || {
-        (
-            "the broker rejected the accessKey (UNAUTHENTICATED)".to_string(),
-            "Use the accessKey issued for this connection (Helm gitproxy.accessKey or GITPROXY_ACCESS_KEY); a rotated key invalidates the old one.".to_string(),
-        )
-    };
-    let mut inbound = match client.connect(req).await {
-        Ok(r) => r.into_inner(),
-        Err(s) if s.code() == tonic::Code::Unauthenticated => return Err(wrong_key()),
-        Err(s) => {
-            return Err((
-                format!(
-                    "the broker refused the tunnel: {}",
-                    sanitize::text(s.message(), sanitize::MAX_REASON_BYTES)
-                ),
-                String::new(),
-            ))
-        }
-    };
-    let first = tokio::time::timeout(Duration::from_secs(15), inbound.message()).await;
+    let outbound = Outbound::new(Control::new(), rx, to_msg).closed_by(close.clone());
+    let instance = format!("{}-check", cfg.instance);
+    let opened = handshake::open(&mut client, cfg, &instance, &tx, outbound).await;
     close.cancel();
     drop(tx);
-    match first {
-        Ok(Ok(Some(m))) => match m.msg {
-            Some(In::Welcome(w)) => {
-                // Printed on the operator's terminal and used as the URL:
-                // refused, not cleaned, when it holds control characters.
-                if w.gitlab_url.len() > sanitize::MAX_URL_BYTES
-                    || w.gitlab_url.chars().any(sanitize::is_unsafe)
-                {
-                    return Err((
-                        "the broker sent a GitLab URL that is too long or holds control characters"
-                            .into(),
-                        String::new(),
-                    ));
-                }
-                // Validated like every GitLab URL before it is shown or used.
-                let asked =
-                    gitproxy_shared::gitlab_url::parse_gitlab_url(&w.gitlab_url).map_err(|e| {
-                        (
-                            format!("the broker sent an unusable GitLab URL: {e}"),
-                            "Fix the connection's GitLab URL in the broker.".to_string(),
-                        )
-                    })?;
-                if let Some(pin) = &cfg.gitlab_url {
-                    if pin.as_str().trim_end_matches('/') != asked.as_str().trim_end_matches('/') {
-                        return Err((
-                            format!("the broker asks for GitLab at {asked} but this agent is pinned to {pin}"),
-                            "Fix GITPROXY_GITLAB_URL (Helm gitproxy.gitlabUrl) or the connection's GitLab URL.".into(),
-                        ));
-                    }
-                }
-                Ok(asked.to_string())
-            }
-            _ => Err((
-                "the broker's first message was not Welcome".into(),
-                String::new(),
-            )),
-        },
-        Ok(Err(s)) if s.code() == tonic::Code::Unauthenticated => Err(wrong_key()),
-        Ok(Err(s)) => Err((
-            format!(
-                "the broker refused the tunnel: {}",
-                sanitize::text(s.message(), sanitize::MAX_REASON_BYTES)
-            ),
-            String::new(),
-        )),
-        Ok(Ok(None)) => Err(("the broker closed the stream".into(), String::new())),
-        Err(_) => Err(("no answer from the broker within 15s".into(), String::new())),
-    }
+    Ok(opened.map_err(fail)?.gitlab_url.to_string())
 }
 
 fn exit(r: Report) -> ExitCode {

@@ -10,7 +10,7 @@
 //! - [`dispatch`]: the agent's frames, judged by the shared frame rules;
 //! - [`serve`]: the session task (heartbeats, max age, clean-up however it ends);
 //! - [`pump`]: a caller's request body streamed within the agent's credit;
-//! - [`guard`]: [`RequestGuard`].
+//! - [`guard`]: the request handle, [`RequestGuard`].
 
 use super::registry::Changes;
 use crate::observe::Observer;

@@ -86,7 +86,7 @@ impl AgentSession {
     /// Ends the session: no new request can use it, it leaves the registry,
     /// and every pending request fails (before its head: the caller gets
     /// `agent_disconnected`; mid-body: a cut body, never a clean end).
-    fn end(&self, registry: &Registry, reason: &str) {
+    pub(super) fn end(&self, registry: &Registry, reason: &str) {
         self.closed.cancel();
         registry.remove_session(self);
         let pending: Vec<Pending> = self.lock().drain().map(|(_, p)| p).collect();
