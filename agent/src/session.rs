@@ -188,3 +188,5 @@ pub async fn run(ctx: SessionContext) -> Result<SessionEnd, SessionError> {
 
 #[cfg(test)]
 mod props;
+#[cfg(test)]
+mod tests;

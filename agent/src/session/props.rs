@@ -57,7 +57,7 @@ struct Harness {
 
 /// The configuration and GitLab client every case shares: building them
 /// (clap, trust stores) costs far more than a case, and no case changes them.
-fn shared_parts() -> (Arc<crate::config::AgentConfig>, Upstream) {
+pub(super) fn shared_parts() -> (Arc<crate::config::AgentConfig>, Upstream) {
     static PARTS: std::sync::OnceLock<(Arc<crate::config::AgentConfig>, Upstream)> =
         std::sync::OnceLock::new();
     PARTS

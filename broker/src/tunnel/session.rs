@@ -340,3 +340,5 @@ fn disconnected_before_head() -> GitproxyError {
 
 #[cfg(test)]
 mod props;
+#[cfg(test)]
+mod tests;
