@@ -4,26 +4,22 @@
 //!
 //! Steps: broker reachable (through the proxy when one applies), broker TLS
 //! trusted, accessKey accepted, GitLab reachable, GitLab TLS trusted, and,
-//! when the agent holds a token: token valid, token scopes, projects found.
+//! when the agent holds a token: token valid, token scopes, projects found
+//! (those three in [`token`]). The handshake is the sessions' own.
 
 use crate::config::AgentConfig;
-use crate::dial::{self, DialError};
-use crate::session::CAPABILITIES;
-use base64::Engine;
-use gitproxy_proto::v1::{
-    agent_message::Msg as Out, broker_message::Msg as In, AgentMessage, Hello,
-};
+use crate::dial;
+use crate::session::{handshake, SessionError};
+use gitproxy_proto::v1::AgentMessage;
 use gitproxy_shared::errors::ErrorCode;
 use gitproxy_shared::gitlab_probe;
-use gitproxy_shared::sanitize;
-use gitproxy_shared::scopes;
 use gitproxy_shared::tunnel::outbound::{Control, ControlFrame, Outbound};
 use gitproxy_shared::upstream::{Upstream, UpstreamConfig};
 use http::{HeaderMap, HeaderValue, Method};
 use std::process::ExitCode;
-use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use tonic::metadata::MetadataValue;
+
+mod token;
 
 /// Scopes gitproxy needs (API calls, clone, push).
 
@@ -261,341 +257,26 @@ pub async fn run(cfg: &AgentConfig) -> ExitCode {
         return exit(r);
     }
     if let Some(t) = token {
-        check_token(&mut r, &upstream, headers, t.expose()).await;
+        token::check_token(&mut r, &upstream, headers, t.expose()).await;
     }
     exit(r)
 }
 
-async fn get_json(
-    upstream: &Upstream,
-    target: &str,
-    headers: &HeaderMap,
-) -> Result<(u16, HeaderMap, serde_json::Value), gitproxy_shared::errors::GitproxyError> {
-    let resp = upstream
-        .send(Method::GET, target, headers.clone(), None)
-        .await?;
-    let status = resp.status().as_u16();
-    let h = resp.headers().clone();
-    let body = resp.bytes().await.unwrap_or_default();
-    Ok((status, h, serde_json::from_slice(&body).unwrap_or_default()))
-}
-
-fn refusal(v: &serde_json::Value) -> (String, &'static str) {
-    let why = v["error_description"]
-        .as_str()
-        .or(v["message"].as_str())
-        .unwrap_or("401 Unauthorized")
-        .to_string();
-    let hint = if why.contains("expired") {
-        "The token has expired: create a new one and update GITPROXY_GITLAB_TOKEN (Helm gitproxy.gitlabToken)."
-    } else if why.contains("revoked") {
-        "The token was revoked: create a new one and update GITPROXY_GITLAB_TOKEN."
-    } else {
-        "GitLab does not know this token: check GITPROXY_GITLAB_TOKEN."
-    };
-    (format!("GitLab answered 401: {why}"), hint)
-}
-
-async fn check_token(r: &mut Report, upstream: &Upstream, headers: HeaderMap, token: &str) {
-    let (status, _, v) =
-        match get_json(upstream, "/api/v4/personal_access_tokens/self", &headers).await {
-            Ok(x) => x,
-            Err(e) => {
-                r.line(Status::Fail, "token valid", &e.message, &e.hint);
-                return;
-            }
-        };
-    let scopes: Option<Vec<String>> = match status {
-        200 => {
-            r.line(
-                Status::Ok,
-                "token valid",
-                &format!(
-                    "active, expires {}",
-                    v["expires_at"].as_str().unwrap_or("never")
-                ),
-                "",
-            );
-            Some(
-                v["scopes"]
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|s| s.as_str().map(str::to_string))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            )
-        }
-        // Before GitLab 15.5 there is no /personal_access_tokens/self (14.x:
-        // 404; 15.1-15.4: 401 to non-administrators): /user decides.
-        401 | 404 => match get_json(upstream, "/api/v4/user", &headers).await {
-            Ok((200, _, u)) => {
-                r.line(
-                    Status::Ok,
-                    "token valid",
-                    &format!(
-                        "accepted (user {}); this GitLab has no /personal_access_tokens/self (before 15.5): expiry and scopes cannot be read",
-                        u["username"].as_str().unwrap_or("?")
-                    ),
-                    "",
-                );
-                None
-            }
-            Ok((401, _, u)) => {
-                let (detail, hint) = refusal(&u);
-                r.line(Status::Fail, "token valid", &detail, hint);
-                r.skip_rest(&["token scopes", "projects found"], "token not valid");
-                return;
-            }
-            Ok((s, _, _)) => {
-                r.line(
-                    Status::Fail,
-                    "token valid",
-                    &format!("GitLab answered {s} to GET /user"),
-                    "Check GITPROXY_GITLAB_TOKEN.",
-                );
-                return;
-            }
-            Err(e) => {
-                r.line(Status::Fail, "token valid", &e.message, &e.hint);
-                return;
-            }
-        },
-        _ => {
-            r.line(
-                Status::Fail,
-                "token valid",
-                &format!("GitLab answered {status}"),
-                "Check GITPROXY_GITLAB_TOKEN.",
-            );
-            return;
-        }
-    };
-    let projects = get_json(
-        upstream,
-        "/api/v4/projects?membership=true&min_access_level=30&archived=false&per_page=1&simple=true",
-        &headers,
-    )
-    .await;
-    let first = match &projects {
-        Ok((200, _, list)) => list[0]["path_with_namespace"].as_str().map(str::to_string),
-        _ => None,
-    };
-    match (&scopes, &first) {
-        (Some(have), _) => {
-            let v = scopes::judge(have);
-            if v.ok {
-                let detail = if v.note.is_empty() {
-                    v.detail
-                } else {
-                    format!("{}; {}", v.detail, v.note)
-                };
-                r.line(Status::Ok, "token scopes", &detail, "");
-            } else {
-                r.line(Status::Fail, "token scopes", &v.detail, &v.note);
-            }
-        }
-        (None, None) => r.line(
-            Status::Skip,
-            "token scopes",
-            "this GitLab does not show a token's scopes, and there is no project to try git access on",
-            "",
-        ),
-        (None, Some(pwn)) => {
-            let (status, detail, hint) = git_capability(upstream, token, pwn).await;
-            r.line(status, "token scopes", &detail, &hint);
-        }
-    }
-    match projects {
-        Ok((200, h, list)) => {
-            let total = h
-                .get("x-total")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
-            if list.as_array().is_some_and(|a| !a.is_empty()) {
-                r.line(
-                    Status::Ok,
-                    "projects found",
-                    &format!(
-                        "{} with Developer role or above (archived projects not counted)",
-                        total.unwrap_or_else(|| "at least 1".into())
-                    ),
-                    "",
-                );
-            } else {
-                r.line(
-                    Status::Fail,
-                    "projects found",
-                    "the token is a member of no project (not archived) with Developer role or above",
-                    "Create the token at group level (a group access token), or add its user to the projects as Developer or above.",
-                );
-            }
-        }
-        Ok((s, _, _)) => r.line(
-            Status::Fail,
-            "projects found",
-            &format!("GitLab answered {s}"),
-            "",
-        ),
-        Err(e) => r.line(Status::Fail, "projects found", &e.message, &e.hint),
-    }
-}
-
-/// Repository access established by capability (GitLab before 15.5 does not
-/// show scopes): the smart HTTP advertisements of `pwn`, upload-pack for
-/// read and receive-pack for write, which GitLab grants only to a token
-/// whose scope and role allow them.
-async fn git_capability(upstream: &Upstream, token: &str, pwn: &str) -> (Status, String, String) {
-    let mut headers = HeaderMap::new();
-    let basic = base64::engine::general_purpose::STANDARD.encode(format!("oauth2:{token}"));
-    if let Ok(mut v) = HeaderValue::from_str(&format!("Basic {basic}")) {
-        v.set_sensitive(true);
-        headers.insert(http::header::AUTHORIZATION, v);
-    }
-    let mut can = Vec::new();
-    for (service, what) in [("git-upload-pack", "read"), ("git-receive-pack", "write")] {
-        let target = format!("/{pwn}.git/info/refs?service={service}");
-        match upstream.send(Method::GET, &target, headers.clone(), None).await {
-            Ok(resp) if resp.status().is_success() => can.push(what),
-            Ok(resp) if matches!(resp.status().as_u16(), 401 | 403) => {
-                return (
-                    Status::Fail,
-                    format!(
-                        "the token cannot {what} the repository of {pwn}: GitLab answered {} to {service}",
-                        resp.status().as_u16()
-                    ),
-                    "Create a token with scope api (read_repository and write_repository recommended) and update GITPROXY_GITLAB_TOKEN.".into(),
-                )
-            }
-            Ok(resp) => {
-                return (
-                    Status::Skip,
-                    format!(
-                        "this GitLab does not show a token's scopes, and {service} on {pwn} answered {}: repository access could not be determined",
-                        resp.status().as_u16()
-                    ),
-                    String::new(),
-                )
-            }
-            Err(e) => return (Status::Fail, e.message, e.hint),
-        }
-    }
-    (
-        Status::Ok,
-        format!(
-            "this GitLab does not show a token's scopes; the token can {} the repository of {pwn} over git",
-            can.join(" and ")
-        ),
-        String::new(),
-    )
-}
-
-/// Opens `Tunnel/Connect` over `io`, sends Hello and waits for Welcome;
-/// returns the connection's GitLab URL, or the failure and its fix.
+/// Opens `Tunnel/Connect` over `io` with the sessions' own handshake
+/// (Hello, Welcome and its validation); returns the connection's GitLab URL,
+/// or the failure and its fix.
 async fn handshake(cfg: &AgentConfig, io: Box<dyn dial::Io>) -> Result<String, (String, String)> {
-    let mut client = dial::over(io)
-        .await
-        .map_err(|e: DialError| (e.to_string(), e.hint().to_string()))?;
+    let fail = |e: SessionError| (e.to_string(), e.hint().to_string());
+    let mut client = dial::over(io).await.map_err(|e| fail(e.into()))?;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let hello = AgentMessage {
-        msg: Some(Out::Hello(Hello {
-            version: gitproxy_shared::VERSION.to_string(),
-            instance: format!("{}-check", cfg.instance),
-            capabilities: CAPABILITIES.iter().map(|s| s.to_string()).collect(),
-            pinned_gitlab_url: cfg
-                .gitlab_url
-                .as_ref()
-                .map(|u| u.to_string())
-                .unwrap_or_default(),
-            holds_token: cfg.gitlab_token.is_some(),
-            window_bytes: cfg.flow.window_bytes,
-        })),
-    };
-    let _ = tx.try_send(hello);
     let close = CancellationToken::new();
     let to_msg: fn(ControlFrame) -> AgentMessage = |_| AgentMessage { msg: None };
-    let mut req =
-        tonic::Request::new(Outbound::new(Control::new(), rx, to_msg).closed_by(close.clone()));
-    let mut auth =
-        MetadataValue::try_from(format!("Bearer {}", cfg.access_key.expose())).map_err(|_| {
-            (
-                "the accessKey holds characters not allowed in a header".to_string(),
-                String::new(),
-            )
-        })?;
-    auth.set_sensitive(true);
-    req.metadata_mut().insert("authorization", auth);
-    let wrong_key = || {
-        (
-            "the broker rejected the accessKey (UNAUTHENTICATED)".to_string(),
-            "Use the accessKey issued for this connection (Helm gitproxy.accessKey or GITPROXY_ACCESS_KEY); a rotated key invalidates the old one.".to_string(),
-        )
-    };
-    let mut inbound = match client.connect(req).await {
-        Ok(r) => r.into_inner(),
-        Err(s) if s.code() == tonic::Code::Unauthenticated => return Err(wrong_key()),
-        Err(s) => {
-            return Err((
-                format!(
-                    "the broker refused the tunnel: {}",
-                    sanitize::text(s.message(), sanitize::MAX_REASON_BYTES)
-                ),
-                String::new(),
-            ))
-        }
-    };
-    let first = tokio::time::timeout(Duration::from_secs(15), inbound.message()).await;
+    let outbound = Outbound::new(Control::new(), rx, to_msg).closed_by(close.clone());
+    let instance = format!("{}-check", cfg.instance);
+    let opened = handshake::open(&mut client, cfg, &instance, &tx, outbound).await;
     close.cancel();
     drop(tx);
-    match first {
-        Ok(Ok(Some(m))) => match m.msg {
-            Some(In::Welcome(w)) => {
-                // Printed on the operator's terminal and used as the URL:
-                // refused, not cleaned, when it holds control characters.
-                if w.gitlab_url.len() > sanitize::MAX_URL_BYTES
-                    || w.gitlab_url.chars().any(sanitize::is_unsafe)
-                {
-                    return Err((
-                        "the broker sent a GitLab URL that is too long or holds control characters"
-                            .into(),
-                        String::new(),
-                    ));
-                }
-                // Validated like every GitLab URL before it is shown or used.
-                let asked =
-                    gitproxy_shared::gitlab_url::parse_gitlab_url(&w.gitlab_url).map_err(|e| {
-                        (
-                            format!("the broker sent an unusable GitLab URL: {e}"),
-                            "Fix the connection's GitLab URL in the broker.".to_string(),
-                        )
-                    })?;
-                if let Some(pin) = &cfg.gitlab_url {
-                    if pin.as_str().trim_end_matches('/') != asked.as_str().trim_end_matches('/') {
-                        return Err((
-                            format!("the broker asks for GitLab at {asked} but this agent is pinned to {pin}"),
-                            "Fix GITPROXY_GITLAB_URL (Helm gitproxy.gitlabUrl) or the connection's GitLab URL.".into(),
-                        ));
-                    }
-                }
-                Ok(asked.to_string())
-            }
-            _ => Err((
-                "the broker's first message was not Welcome".into(),
-                String::new(),
-            )),
-        },
-        Ok(Err(s)) if s.code() == tonic::Code::Unauthenticated => Err(wrong_key()),
-        Ok(Err(s)) => Err((
-            format!(
-                "the broker refused the tunnel: {}",
-                sanitize::text(s.message(), sanitize::MAX_REASON_BYTES)
-            ),
-            String::new(),
-        )),
-        Ok(Ok(None)) => Err(("the broker closed the stream".into(), String::new())),
-        Err(_) => Err(("no answer from the broker within 15s".into(), String::new())),
-    }
+    Ok(opened.map_err(fail)?.gitlab_url.to_string())
 }
 
 fn exit(r: Report) -> ExitCode {

@@ -8,13 +8,26 @@
 //! with an Error frame), and the stream ended exactly at the violation
 //! limit.
 
+use super::handshake::check_welcome;
+use super::reader::{Dispatch, Reader};
 use super::*;
+use gitproxy_proto::v1::{
+    agent_message::Msg as Out, broker_message::Msg as In, AgentMessage, BrokerMessage, Cancel,
+    Credit, Drain, Ping, Pong, RequestHead, Welcome,
+};
 use gitproxy_proto::v1::{Data, End};
+use gitproxy_shared::errors::ErrorCode;
+use gitproxy_shared::sanitize;
 use gitproxy_shared::tunnel::body::BodyReceiver;
 use gitproxy_shared::tunnel::limits::MAX_PROTOCOL_VIOLATIONS;
+use gitproxy_shared::tunnel::outbound::Control;
+use gitproxy_shared::tunnel::FlowSettings;
+use gitproxy_shared::upstream::UpstreamConfig;
 use http_body_util_lite::frame_now;
 use proptest::prelude::*;
 use prost::Message;
+use std::collections::HashMap;
+use tokio::sync::Notify;
 
 mod http_body_util_lite {
     use gitproxy_shared::tunnel::body::BodyReceiver;
@@ -44,7 +57,7 @@ struct Harness {
 
 /// The configuration and GitLab client every case shares: building them
 /// (clap, trust stores) costs far more than a case, and no case changes them.
-fn shared_parts() -> (Arc<crate::config::AgentConfig>, Upstream) {
+pub(super) fn shared_parts() -> (Arc<crate::config::AgentConfig>, Upstream) {
     static PARTS: std::sync::OnceLock<(Arc<crate::config::AgentConfig>, Upstream)> =
         std::sync::OnceLock::new();
     PARTS

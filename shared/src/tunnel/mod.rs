@@ -1,6 +1,8 @@
 //! The multiplexing machinery both ends of `gitproxy.v1.Tunnel` share.
 //!
 //! - [`limits`]: window, chunk and frame-cost settings and their validation.
+//! - [`frames`]: the per-request frame rules (head → data* → end, abort,
+//!   credit) as one state machine both dispatchers run every frame through.
 //! - [`credit`]: per-request, per-direction credit: what a sender may still
 //!   send, what a receiver has buffered and when it hands credit back.
 //! - [`outbound`]: the single outbound queue of a stream. Data frames go through
@@ -14,6 +16,7 @@
 
 pub mod body;
 pub mod credit;
+pub mod frames;
 pub mod limits;
 pub mod outbound;
 pub mod violations;

@@ -10,10 +10,15 @@
 
 use super::*;
 use crate::observe::Gauges;
+use crate::tunnel::registry::Registry;
 use futures::FutureExt;
-use gitproxy_proto::v1::{Error as ErrorFrame, Hello, ResponseHead};
+use gitproxy_proto::v1::{
+    agent_message::Msg as In, AgentMessage, Data, End, Error as ErrorFrame, Hello, Ping,
+    ResponseHead,
+};
 use gitproxy_shared::headers::MAX_HEADER_COUNT;
 use gitproxy_shared::tunnel::limits::MAX_PROTOCOL_VIOLATIONS;
+use http_body_util::BodyExt;
 use proptest::prelude::*;
 use prost::Message;
 

@@ -1,0 +1,102 @@
+//! The body pump: streams a caller's request body to the agent within the
+//! agent's credit, on its own task, so a slow caller holds up nothing else.
+
+use super::AgentSession;
+use bytes::Bytes;
+use gitproxy_proto::v1::{broker_message::Msg as Out, BrokerMessage, Data, End};
+use gitproxy_shared::errors::{ErrorCode, GitproxyError};
+use gitproxy_shared::tunnel::credit::SendCredit;
+use http_body_util::BodyExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+impl AgentSession {
+    /// Streams the caller's body to the agent, spending the agent's credit.
+    /// A body that stalls (no data for the body idle time while we wait for
+    /// it) ends the request.
+    pub(super) async fn pump<B>(
+        self: Arc<Self>,
+        id: u64,
+        mut body: B,
+        credit: SendCredit,
+        cancel: CancellationToken,
+        bytes_in: Arc<AtomicU64>,
+    ) where
+        B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: std::fmt::Display + Send,
+    {
+        let flow = self.settings.agent_flow;
+        let idle = self.settings.body_idle_timeout;
+        let max = flow.max_chunk_bytes as usize;
+        loop {
+            let frame = tokio::select! {
+                _ = cancel.cancelled() => return,
+                f = gitproxy_shared::idle::within(idle, body.frame()) => f,
+            };
+            let Some(frame) = frame else {
+                info!(connection = %self.conn_id, request_id = id, idle_s = idle.as_secs_f32(), "the caller's request body stalled: no data for the body idle time; ending the request");
+                self.fail(
+                    id,
+                    GitproxyError::new(
+                        ErrorCode::BadRequest,
+                        format!(
+                            "the request body stalled: no data from the caller for {}s (GITPROXY_BODY_IDLE_TIMEOUT)",
+                            idle.as_secs_f32()
+                        ),
+                    ),
+                );
+                self.control.cancel(id);
+                return;
+            };
+            match frame {
+                None => {
+                    let end = Box::new(BrokerMessage {
+                        msg: Some(Out::End(End { id })),
+                    });
+                    tokio::select! {
+                        _ = cancel.cancelled() => {}
+                        _ = self.tx.send(end) => {}
+                    }
+                    return;
+                }
+                Some(Err(e)) => {
+                    debug!(request_id = id, "the caller's request body failed: {e}");
+                    self.fail(
+                        id,
+                        GitproxyError::new(
+                            ErrorCode::BadRequest,
+                            format!("the request body could not be read: {e}"),
+                        ),
+                    );
+                    self.control.cancel(id);
+                    return;
+                }
+                Some(Ok(frame)) => {
+                    let Ok(mut data) = frame.into_data() else {
+                        continue;
+                    };
+                    while !data.is_empty() {
+                        let part = data.split_to(data.len().min(max));
+                        let n = part.len() as u64;
+                        let msg = Box::new(BrokerMessage {
+                            msg: Some(Out::Data(Data { id, data: part })),
+                        });
+                        let sent = tokio::select! {
+                            _ = cancel.cancelled() => false,
+                            ok = async {
+                                credit.acquire(flow.frame_cost(n as usize)).await.is_ok()
+                                    && self.tx.send(msg).await.is_ok()
+                            } => ok,
+                        };
+                        if !sent {
+                            return;
+                        }
+                        bytes_in.fetch_add(n, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    }
+}
