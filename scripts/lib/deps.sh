@@ -11,7 +11,8 @@
 #     for the Helm chart tests helm-python-sdk (Helm v4 as a library),
 #     kubernetes-validate (Kubernetes JSON schemas) and cryptography (test
 #     certificates).
-# The Rust toolchain itself (cargo, rustfmt, clippy) is expected on the machine.
+# The Rust toolchain itself (cargo, rustfmt, clippy) is expected on the machine;
+# scripts/test.sh also builds cargo-deny and cargo-machete (ensure_cargo_tools).
 
 # section TITLE: prints a visible header with the elapsed time.
 section() {
@@ -127,6 +128,33 @@ ensure_rust() {
         log "rustup component add rustfmt clippy"
         rustup component add rustfmt clippy
     fi
+}
+
+# The cargo subcommands of scripts/test.sh's dependency checks (cargo-deny:
+# licenses, duplicate versions, sources; cargo-machete: declared but unused
+# dependencies), built from crates.io with --locked when missing or of
+# another version. Pinned: a new release may read deny.toml differently.
+# Cold, on a 2-core machine, cargo-deny takes ~14 min to build and
+# cargo-machete ~4 min; later runs find them in ~/.cargo/bin.
+GITPROXY_CARGO_DENY_VERSION=${GITPROXY_CARGO_DENY_VERSION:-0.20.2}
+GITPROXY_CARGO_MACHETE_VERSION=${GITPROXY_CARGO_MACHETE_VERSION:-0.9.2}
+
+# cargo_tool NAME VERSION: installs cargo subcommand NAME at VERSION.
+cargo_tool() {
+    local name=$1 version=$2 have
+    # `cargo deny --version` prints "cargo-deny X", `cargo machete --version` "X".
+    have=$(cargo "${name#cargo-}" --version 2>/dev/null | awk '{print $NF}' || true)
+    if [ "$have" = "$version" ]; then
+        log "$name $version: present"
+        return 0
+    fi
+    log "cargo install --locked $name@$version (was: ${have:-missing})"
+    cargo install --locked --quiet "$name@$version"
+}
+
+ensure_cargo_tools() {
+    cargo_tool cargo-deny "$GITPROXY_CARGO_DENY_VERSION"
+    cargo_tool cargo-machete "$GITPROXY_CARGO_MACHETE_VERSION"
 }
 
 # Everything, in the order the scripts need it.

@@ -3,8 +3,9 @@
 //! from PEM files. All configs use the ring crypto provider.
 
 use base64::Engine;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::pem::{self, PemObject};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -31,6 +32,16 @@ pub enum TlsError {
     NoKey {
         /// Where the PEM came from.
         what: String,
+    },
+    /// PEM data was malformed (a section without its END line, bad base64
+    /// inside a section). The reason names the marker or the character at
+    /// fault, never the decoded material.
+    #[error("{what} is not valid PEM: {reason}")]
+    Pem {
+        /// Where the PEM came from.
+        what: String,
+        /// Why, from [`pem_reason`].
+        reason: String,
     },
     /// Base64 could not be decoded.
     #[error("GITPROXY_CA_CERT is not valid base64 (it must hold a base64-encoded PEM bundle)")]
@@ -82,15 +93,49 @@ pub fn extra_ca_pem(file: Option<&Path>, base64_pem: Option<&str>) -> Result<Vec
     Ok(pem)
 }
 
-/// Parses every certificate in a PEM bundle.
+/// Parses every certificate in a PEM bundle (sections of other kinds, such
+/// as a key in the same file, are passed over). A malformed section is an
+/// error rather than skipped, so a broken CA in a bundle is reported at
+/// start instead of surfacing later as an untrusted peer.
 pub fn certs_from_pem(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs: Vec<_> = rustls_pemfile::certs(&mut &pem[..])
-        .filter_map(Result::ok)
-        .collect();
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem {
+            what: what.into(),
+            reason: pem_reason(&e),
+        })?;
     if certs.is_empty() {
         return Err(TlsError::NoCertificate { what: what.into() });
     }
     Ok(certs)
+}
+
+/// Parses the first private key (PKCS#8, PKCS#1 or SEC1) in PEM data.
+pub fn private_key_from_pem(pem: &[u8], what: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(pem).map_err(|source| match source {
+        pem::Error::NoItemsFound => TlsError::NoKey { what: what.into() },
+        e => TlsError::Pem {
+            what: what.into(),
+            reason: pem_reason(&e),
+        },
+    })
+}
+
+/// The PEM parser's error in words: its own Display prints markers and
+/// lines as lists of byte values.
+fn pem_reason(e: &pem::Error) -> String {
+    match e {
+        pem::Error::MissingSectionEnd { end_marker } => format!(
+            "a section has no \"-----END {}-----\" line",
+            String::from_utf8_lossy(end_marker)
+        ),
+        pem::Error::IllegalSectionStart { line } => format!(
+            "malformed section start {:?}",
+            String::from_utf8_lossy(line)
+        ),
+        pem::Error::Base64Decode(why) => format!("the base64 inside a section is invalid ({why})"),
+        other => other.to_string(),
+    }
 }
 
 /// Public roots (Mozilla's, plus the platform store when readable) and the
@@ -133,10 +178,7 @@ pub fn server_config(cert: &Path, key: &Path, alpn: &[&[u8]]) -> Result<ServerCo
     let key_pem = read_file(key)?;
     let what = key.display().to_string();
     let chain = certs_from_pem(&cert_pem, &cert.display().to_string())?;
-    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut &key_pem[..])
-        .ok()
-        .flatten()
-        .ok_or_else(|| TlsError::NoKey { what: what.clone() })?;
+    let key = private_key_from_pem(&key_pem, &what)?;
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|source| TlsError::Rustls {
@@ -166,5 +208,56 @@ mod tests {
         ));
         assert!(extra_ca_pem(None, None).unwrap().is_empty());
         assert!(root_store(b"").unwrap().len() > 50);
+    }
+
+    /// A PEM section around arbitrary bytes: the PEM layer does not look
+    /// inside the DER, so no real certificate or key is needed here.
+    fn section(label: &str, body: &[u8]) -> String {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(body);
+        format!("-----BEGIN {label}-----\n{b64}\n-----END {label}-----\n")
+    }
+
+    #[test]
+    fn parses_every_certificate_and_passes_over_other_sections() {
+        let bundle = format!(
+            "comment line\n{}{}{}",
+            section("CERTIFICATE", b"testpat-cert-one"),
+            section("PRIVATE KEY", b"testpat-key"),
+            section("CERTIFICATE", b"testpat-cert-two"),
+        );
+        let certs = certs_from_pem(bundle.as_bytes(), "bundle").unwrap();
+        assert_eq!(certs.len(), 2);
+        assert_eq!(certs[1].as_ref(), b"testpat-cert-two");
+        let key = private_key_from_pem(bundle.as_bytes(), "bundle").unwrap();
+        assert_eq!(key.secret_der(), b"testpat-key");
+    }
+
+    #[test]
+    fn malformed_pem_is_a_clear_error_without_material() {
+        let truncated = "-----BEGIN CERTIFICATE-----\ndGVzdHBhdA==\n";
+        let err = certs_from_pem(truncated.as_bytes(), "ca.pem").unwrap_err();
+        assert!(matches!(err, TlsError::Pem { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.starts_with("ca.pem is not valid PEM: "), "{msg}");
+        assert_eq!(
+            msg,
+            "ca.pem is not valid PEM: a section has no \"-----END CERTIFICATE-----\" line"
+        );
+
+        let bad_key = "-----BEGIN PRIVATE KEY-----\ntestpat*secret\n-----END PRIVATE KEY-----\n";
+        let msg = private_key_from_pem(bad_key.as_bytes(), "tls.key")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.starts_with("tls.key is not valid PEM: the base64 inside a section is invalid"),
+            "{msg}"
+        );
+        assert!(!msg.contains("secret"), "{msg}");
+
+        let only_cert = section("CERTIFICATE", b"testpat-cert");
+        assert!(matches!(
+            private_key_from_pem(only_cert.as_bytes(), "tls.key"),
+            Err(TlsError::NoKey { .. })
+        ));
     }
 }

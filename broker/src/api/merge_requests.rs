@@ -32,6 +32,9 @@
 //! status and message.
 
 use super::error::ApiError;
+use super::gitlab::{
+    self, CommitAction, FileAction, MergeRequest, NewCommit, NewMergeRequest, Project,
+};
 use crate::frontdoor::internal::{self, query_value, segment, Answer};
 use crate::state::AppState;
 use crate::store::{StoreError, TrackedMr};
@@ -54,6 +57,16 @@ pub struct Change {
     pub path: String,
     /// The whole new content (text).
     pub content: String,
+}
+
+impl Change {
+    fn action(&self, action: FileAction) -> CommitAction<'_> {
+        CommitAction {
+            action,
+            file_path: &self.path,
+            content: &self.content,
+        }
+    }
 }
 
 /// Body of the POST.
@@ -83,31 +96,15 @@ pub struct MrView {
     pub project_id: u64,
     /// `group/name`.
     pub project: String,
-    /// iid.
-    pub iid: u64,
-    /// Title.
-    pub title: String,
-    /// Source branch.
-    pub source_branch: String,
-    /// Target branch.
-    pub target_branch: String,
-    /// `opened`, `closed`, `merged`, `locked` (or `unknown` when GitLab could not be asked).
-    pub state: String,
-    /// GitLab's URL.
-    pub web_url: String,
+    /// iid, title, branches, state and URL as GitLab gave them (`state` is
+    /// `unknown` when GitLab could not be asked).
+    #[serde(flatten)]
+    pub mr: MergeRequest,
     /// When gitproxy opened it.
     pub created_at: String,
     /// Why the state is unknown.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-}
-
-struct Project {
-    id: u64,
-    path: String,
-    default_branch: Option<String>,
-    archived: bool,
-    empty_repo: bool,
 }
 
 fn now() -> String {
@@ -142,24 +139,7 @@ async fn get_project(
             &a.error_text(),
         ));
     }
-    let v = a.json();
-    Ok(Project {
-        id: v
-            .get("id")
-            .and_then(|x| x.as_u64())
-            .ok_or_else(|| ApiError::gitlab("GET /projects/:id", a.status, "no id"))?,
-        path: v
-            .get("path_with_namespace")
-            .and_then(|x| x.as_str())
-            .unwrap_or(project)
-            .to_string(),
-        default_branch: v
-            .get("default_branch")
-            .and_then(|x| x.as_str())
-            .map(str::to_string),
-        archived: v.get("archived").and_then(|x| x.as_bool()) == Some(true),
-        empty_repo: v.get("empty_repo").and_then(|x| x.as_bool()) == Some(true),
-    })
+    Ok(gitlab::read(&a, "GET /projects/:id")?)
 }
 
 /// Whether branch `name` exists in project `pid`.
@@ -196,7 +176,7 @@ async fn open_mr_for(
     conn: &str,
     pid: u64,
     source: &str,
-) -> Result<Option<Value>, ApiError> {
+) -> Result<Option<MergeRequest>, ApiError> {
     let a = internal::call(
         state,
         conn,
@@ -215,7 +195,8 @@ async fn open_mr_for(
             &a.error_text(),
         ));
     }
-    Ok(a.json().as_array().and_then(|v| v.first().cloned()))
+    let open: Vec<MergeRequest> = gitlab::read(&a, "GET /projects/:id/merge_requests")?;
+    Ok(open.into_iter().next())
 }
 
 fn file_target(pid: u64, path: &str, r#ref: &str) -> String {
@@ -227,13 +208,13 @@ fn file_target(pid: u64, path: &str, r#ref: &str) -> String {
 }
 
 /// Actions for a new branch started from `target`: create or update.
-async fn actions_from(
+async fn actions_from<'a>(
     state: &Arc<AppState>,
     conn: &str,
     pid: u64,
     target: &str,
-    changes: &[Change],
-) -> Result<Vec<Value>, ApiError> {
+    changes: &'a [Change],
+) -> Result<Vec<CommitAction<'a>>, ApiError> {
     let mut actions = Vec::new();
     for c in changes {
         let a = internal::call(
@@ -245,23 +226,23 @@ async fn actions_from(
         )
         .await?;
         let action = match a.status {
-            200 => "update",
-            404 => "create",
+            200 => FileAction::Update,
+            404 => FileAction::Create,
             s => return Err(ApiError::gitlab("HEAD /repository/files/:path", s, "")),
         };
-        actions.push(json!({"action": action, "file_path": c.path, "content": c.content}));
+        actions.push(c.action(action));
     }
     Ok(actions)
 }
 
 /// Actions for an existing branch: only files whose content differs.
-async fn actions_on_existing(
+async fn actions_on_existing<'a>(
     state: &Arc<AppState>,
     conn: &str,
     pid: u64,
     branch: &str,
-    changes: &[Change],
-) -> Result<Vec<Value>, ApiError> {
+    changes: &'a [Change],
+) -> Result<Vec<CommitAction<'a>>, ApiError> {
     let mut actions = Vec::new();
     for c in changes {
         let a = internal::call(
@@ -274,21 +255,16 @@ async fn actions_on_existing(
         .await?;
         let action = match a.status {
             200 => {
-                let current = a
-                    .json()
-                    .get("content")
-                    .and_then(|x| x.as_str())
-                    .and_then(|b| {
-                        base64::engine::general_purpose::STANDARD
-                            .decode(b.replace('\n', ""))
-                            .ok()
-                    });
+                let file: gitlab::RepoFile = gitlab::read(&a, "GET /repository/files/:path")?;
+                let current = base64::engine::general_purpose::STANDARD
+                    .decode(file.content.replace('\n', ""))
+                    .ok();
                 if current.as_deref() == Some(c.content.as_bytes()) {
                     continue;
                 }
-                "update"
+                FileAction::Update
             }
-            404 => "create",
+            404 => FileAction::Create,
             s => {
                 return Err(ApiError::gitlab(
                     "GET /repository/files/:path",
@@ -297,7 +273,7 @@ async fn actions_on_existing(
                 ))
             }
         };
-        actions.push(json!({"action": action, "file_path": c.path, "content": c.content}));
+        actions.push(c.action(action));
     }
     Ok(actions)
 }
@@ -306,35 +282,24 @@ async fn commit(
     state: &Arc<AppState>,
     conn: &str,
     pid: u64,
-    body: &Value,
+    body: &NewCommit<'_>,
 ) -> Result<Answer, ApiError> {
     Ok(internal::call(
         state,
         conn,
         Method::POST,
         &format!("/api/v4/projects/{pid}/repository/commits"),
-        Some(body),
+        Some(&json!(body)),
     )
     .await?)
 }
 
-fn view_of(conn: &str, p: &Project, mr: &Value, created_at: &str) -> MrView {
-    let s = |k: &str| {
-        mr.get(k)
-            .and_then(|x| x.as_str())
-            .unwrap_or_default()
-            .to_string()
-    };
+fn view_of(conn: &str, p: &Project, mr: &MergeRequest, created_at: &str) -> MrView {
     MrView {
         connection: conn.to_string(),
         project_id: p.id,
-        project: p.path.clone(),
-        iid: mr.get("iid").and_then(|x| x.as_u64()).unwrap_or(0),
-        title: s("title"),
-        source_branch: s("source_branch"),
-        target_branch: s("target_branch"),
-        state: s("state"),
-        web_url: s("web_url"),
+        project: p.path_with_namespace.clone(),
+        mr: mr.clone(),
         created_at: created_at.to_string(),
         error: None,
     }
@@ -368,7 +333,7 @@ pub async fn open(
         return Err(ApiError::new(
             409,
             "project_archived",
-            format!("{} is archived: GitLab makes archived projects read-only", p.path),
+            format!("{} is archived: GitLab makes archived projects read-only", p.path_with_namespace),
             "Unarchive the project in GitLab (Settings > General > Advanced > Unarchive project) to open a merge request, or leave it out: the catalogue lists archived projects only with ?include_archived=true.",
         ));
     }
@@ -376,7 +341,7 @@ pub async fn open(
         return Err(ApiError::new(
             409,
             "empty_repository",
-            format!("{} has an empty repository: there is no branch to open a merge request against", p.path),
+            format!("{} has an empty repository: there is no branch to open a merge request against", p.path_with_namespace),
             "Push a first commit to the project's default branch, then retry; the catalogue marks such projects with empty_repo: true.",
         ));
     }
@@ -397,12 +362,12 @@ pub async fn open(
     }
     // Branch and commit in one call.
     let actions = actions_from(state, conn, p.id, &target, &req.changes).await?;
-    let body = json!({
-        "branch": req.source_branch,
-        "start_branch": target,
-        "commit_message": req.title,
-        "actions": actions,
-    });
+    let body = NewCommit {
+        branch: &req.source_branch,
+        start_branch: Some(&target),
+        commit_message: &req.title,
+        actions,
+    };
     let a = commit(state, conn, p.id, &body).await?;
     if !a.ok() {
         let text = a.error_text();
@@ -411,11 +376,12 @@ pub async fn open(
             let actions =
                 actions_on_existing(state, conn, p.id, &req.source_branch, &req.changes).await?;
             if !actions.is_empty() {
-                let body = json!({
-                    "branch": req.source_branch,
-                    "commit_message": req.title,
-                    "actions": actions,
-                });
+                let body = NewCommit {
+                    branch: &req.source_branch,
+                    start_branch: None,
+                    commit_message: &req.title,
+                    actions,
+                };
                 let a = commit(state, conn, p.id, &body).await?;
                 if !a.ok() {
                     return Err(ApiError::gitlab(
@@ -435,14 +401,12 @@ pub async fn open(
             ));
         }
     }
-    let mut mr_body = json!({
-        "source_branch": req.source_branch,
-        "target_branch": target,
-        "title": req.title,
+    let mr_body = json!(NewMergeRequest {
+        source_branch: &req.source_branch,
+        target_branch: &target,
+        title: &req.title,
+        description: req.description.as_deref(),
     });
-    if let Some(d) = &req.description {
-        mr_body["description"] = json!(d);
-    }
     let a = internal::call(
         state,
         conn,
@@ -453,8 +417,9 @@ pub async fn open(
     .await?;
     match a.status {
         200 | 201 => {
-            let v = track(state, conn, &p, &a.json()).await?;
-            tracing::info!(connection = %conn, project = %p.path, iid = v.iid, source_branch = %v.source_branch, "merge request opened");
+            let mr: MergeRequest = gitlab::read(&a, "POST /merge_requests")?;
+            let v = track(state, conn, &p, &mr).await?;
+            tracing::info!(connection = %conn, project = %p.path_with_namespace, iid = v.mr.iid, source_branch = %v.mr.source_branch, "merge request opened");
             Ok((true, v))
         }
         409 => match open_mr_for(state, conn, p.id, &req.source_branch).await? {
@@ -465,7 +430,7 @@ pub async fn open(
                 &a.error_text(),
             )),
         },
-        s => Err(mr_refused(s, &a.json())
+        s => Err(mr_refused(s, &a.body)
             .unwrap_or_else(|| ApiError::gitlab("POST /merge_requests", s, &a.error_text()))),
     }
 }
@@ -492,13 +457,14 @@ async fn push_refused(
         None,
     )
     .await?;
-    let b = a.json();
-    let flag = |k: &str| b.get(k).and_then(Value::as_bool);
-    if a.status == 200 && flag("protected") == Some(true) && flag("can_push") == Some(false) {
+    let branch_state = (a.status == 200)
+        .then(|| gitlab::read::<gitlab::Branch>(&a, "GET /repository/branches/:branch").ok())
+        .flatten();
+    if branch_state.is_some_and(|b| b.protected && !b.can_push) {
         return Ok(ApiError::new(
             409,
             "branch_protected",
-            format!("{branch} is a protected branch of {}: GitLab refuses commits to it from the token's user", p.path),
+            format!("{branch} is a protected branch of {}: GitLab refuses commits to it from the token's user", p.path_with_namespace),
             "Give a new source_branch for the merge request (gitproxy creates it); protected branches take changes through merge requests, or ask a Maintainer to allow pushes in Settings > Repository > Protected branches.",
         ));
     }
@@ -508,16 +474,13 @@ async fn push_refused(
 /// GitLab's refusal of a merge request by validation: 422 with
 /// `{"message": ["...", ...]}` (`unprocessable_entity!` over the MR's
 /// `:base`, `:validate_fork`, ... errors, e.g. a branch that does not exist).
-fn mr_refused(status: u16, body: &Value) -> Option<ApiError> {
+fn mr_refused(status: u16, body: &[u8]) -> Option<ApiError> {
     if status != 422 {
         return None;
     }
-    let msgs: Vec<&str> = body
-        .get("message")?
-        .as_array()?
-        .iter()
-        .map(Value::as_str)
-        .collect::<Option<_>>()?;
+    let msgs = serde_json::from_slice::<gitlab::Refusal>(body)
+        .ok()?
+        .message;
     Some(ApiError::new(
         422,
         "merge_request_refused",
@@ -526,22 +489,20 @@ fn mr_refused(status: u16, body: &Value) -> Option<ApiError> {
     ))
 }
 
-async fn track(state: &AppState, conn: &str, p: &Project, mr: &Value) -> Result<MrView, ApiError> {
+async fn track(
+    state: &AppState,
+    conn: &str,
+    p: &Project,
+    mr: &MergeRequest,
+) -> Result<MrView, ApiError> {
     let created_at = now();
     let v = view_of(conn, p, mr, &created_at);
-    if v.iid == 0 {
-        return Err(ApiError::gitlab(
-            "merge request",
-            200,
-            "no iid in GitLab's answer",
-        ));
-    }
     let existing = state
         .store
         .snapshot()
         .merge_requests
         .into_iter()
-        .find(|m| m.connection == conn && m.project_id == p.id && m.iid == v.iid);
+        .find(|m| m.connection == conn && m.project_id == p.id && m.iid == v.mr.iid);
     if let Some(m) = existing {
         return Ok(MrView {
             created_at: m.created_at,
@@ -553,12 +514,12 @@ async fn track(state: &AppState, conn: &str, p: &Project, mr: &Value) -> Result<
         .track_mr(TrackedMr {
             connection: conn.to_string(),
             project_id: p.id,
-            project: p.path.clone(),
-            iid: v.iid,
-            source_branch: v.source_branch.clone(),
-            target_branch: v.target_branch.clone(),
-            title: v.title.clone(),
-            web_url: v.web_url.clone(),
+            project: p.path_with_namespace.clone(),
+            iid: v.mr.iid,
+            source_branch: v.mr.source_branch.clone(),
+            target_branch: v.mr.target_branch.clone(),
+            title: v.mr.title.clone(),
+            web_url: v.mr.web_url.clone(),
             created_at,
         })
         .await
@@ -626,24 +587,26 @@ pub async fn list(State(state): State<Arc<AppState>>, Path(id): Path<String>) ->
                     connection: id.clone(),
                     project_id: m.project_id,
                     project: m.project.clone(),
-                    iid: m.iid,
-                    title: m.title.clone(),
-                    source_branch: m.source_branch.clone(),
-                    target_branch: m.target_branch.clone(),
-                    state: "unknown".into(),
-                    web_url: m.web_url.clone(),
+                    mr: MergeRequest {
+                        iid: m.iid,
+                        title: m.title.clone(),
+                        source_branch: m.source_branch.clone(),
+                        target_branch: m.target_branch.clone(),
+                        state: "unknown".into(),
+                        web_url: m.web_url.clone(),
+                    },
                     created_at: m.created_at.clone(),
                     error: None,
                 };
                 let target = format!("/api/v4/projects/{}/merge_requests/{}", m.project_id, m.iid);
                 match internal::call(&state, &id, Method::GET, &target, None).await {
                     Ok(a) if a.ok() => {
-                        let j = a.json();
-                        if let Some(s) = j.get("state").and_then(|x| x.as_str()) {
-                            v.state = s.to_string();
-                        }
-                        if let Some(t) = j.get("title").and_then(|x| x.as_str()) {
-                            v.title = t.to_string();
+                        match gitlab::read::<MergeRequest>(&a, "GET /merge_requests/:iid") {
+                            Ok(mr) => {
+                                v.mr.state = mr.state;
+                                v.mr.title = mr.title;
+                            }
+                            Err(e) => v.error = Some(e.to_string()),
                         }
                     }
                     Ok(a) => {
@@ -666,17 +629,18 @@ mod tests {
 
     #[test]
     fn a_422_list_is_a_refused_merge_request() {
+        let body = |v: Value| serde_json::to_vec(&v).unwrap();
         let e = mr_refused(
             422,
-            &json!({"message": ["Source branch \"x\" does not exist"]}),
+            &body(json!({"message": ["Source branch \"x\" does not exist"]})),
         )
         .expect("named");
         assert_eq!(e.code, "merge_request_refused");
         assert_eq!(e.status.as_u16(), 422);
         assert!(e.message.contains("Source branch \"x\" does not exist"));
         // Other statuses and shapes stay GitLab errors.
-        assert!(mr_refused(400, &json!({"message": ["x"]})).is_none());
-        assert!(mr_refused(422, &json!({"message": "x"})).is_none());
-        assert!(mr_refused(422, &json!({"error": "x"})).is_none());
+        assert!(mr_refused(400, &body(json!({"message": ["x"]}))).is_none());
+        assert!(mr_refused(422, &body(json!({"message": "x"}))).is_none());
+        assert!(mr_refused(422, &body(json!({"error": "x"}))).is_none());
     }
 }

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod connections;
 pub mod error;
+pub mod gitlab;
 pub mod merge_requests;
 pub mod projects;
 pub mod test_connection;

@@ -11,6 +11,7 @@
 //! pagination (405) is read with offset pagination instead.
 
 use super::error::ApiError;
+use super::gitlab;
 use crate::frontdoor::internal;
 use crate::state::AppState;
 use axum::body::Body;
@@ -18,8 +19,8 @@ use axum::extract::{Path, Query, State};
 use axum::response::IntoResponse;
 use axum::Json;
 use http::{Method, Response};
+use serde::de::DeserializeOwned;
 use serde::Serialize;
-use serde_json::Value;
 use std::sync::Arc;
 
 /// Most pages read for one listing (100 projects each).
@@ -60,38 +61,33 @@ pub struct CatalogueQuery {
     pub include_archived: bool,
 }
 
-fn project_view(v: &Value) -> Option<ProjectView> {
-    let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
-    let perms = v.get("permissions");
-    let level = |k: &str| {
-        perms
-            .and_then(|p| p.get(k))
-            .and_then(|a| a.get("access_level"))
-            .and_then(|l| l.as_u64())
-    };
+fn project_view(p: gitlab::Project) -> ProjectView {
+    let perms = p.permissions.unwrap_or_default();
     // A lower bound: every listed project is Developer or above by some route.
-    let access_level = [level("project_access"), level("group_access")]
+    let access_level = [perms.project_access, perms.group_access]
         .into_iter()
         .flatten()
+        .map(|a| a.access_level)
         .fold(DEVELOPER, u64::max);
-    Some(ProjectView {
-        id: v.get("id")?.as_u64()?,
-        path_with_namespace: s("path_with_namespace")?,
-        name: s("name").unwrap_or_default(),
-        default_branch: s("default_branch"),
-        web_url: s("web_url"),
+    ProjectView {
+        id: p.id,
+        path_with_namespace: p.path_with_namespace,
+        name: p.name,
+        default_branch: p.default_branch,
+        web_url: p.web_url,
         access_level,
-        archived: v.get("archived").and_then(|x| x.as_bool()).unwrap_or(false),
-        empty_repo: v
-            .get("empty_repo")
-            .and_then(|x| x.as_bool())
-            .unwrap_or(false),
-    })
+        archived: p.archived,
+        empty_repo: p.empty_repo,
+    }
 }
 
 /// Reads every page of `GET /api/v4/projects?{query}` (keyset pagination, or
 /// offset pagination when GitLab refuses keyset with 405).
-async fn list_all(state: &Arc<AppState>, id: &str, query: &str) -> Result<Vec<Value>, ApiError> {
+async fn list_all<T: DeserializeOwned>(
+    state: &Arc<AppState>,
+    id: &str,
+    query: &str,
+) -> Result<Vec<T>, ApiError> {
     let first_keyset =
         format!("/api/v4/projects?{query}&pagination=keyset&order_by=id&sort=asc&per_page=100");
     let first_offset = format!("/api/v4/projects?{query}&order_by=id&sort=asc&per_page=100");
@@ -117,13 +113,7 @@ async fn list_all(state: &Arc<AppState>, id: &str, query: &str) -> Result<Vec<Va
         if !a.ok() {
             return Err(ApiError::gitlab("GET /projects", a.status, &a.error_text()));
         }
-        let Value::Array(items) = a.json() else {
-            return Err(ApiError::gitlab(
-                "GET /projects",
-                a.status,
-                "the answer is not a JSON list",
-            ));
-        };
+        let items: Vec<T> = gitlab::read(&a, "GET /projects")?;
         out.extend(items);
         next = a.next_target(id);
     }
@@ -151,27 +141,27 @@ pub async fn catalogue(
     } else {
         "&archived=false"
     };
-    let items = list_all(
+    let items: Vec<gitlab::Project> = list_all(
         state,
         id,
         &format!("membership=true&min_access_level={DEVELOPER}{archived}"),
     )
     .await?;
-    let mut out: Vec<ProjectView> = items.iter().filter_map(project_view).collect();
+    let mut out: Vec<ProjectView> = items.into_iter().map(project_view).collect();
     out.sort_by_key(|p| p.id);
     out.dedup_by_key(|p| p.id);
     for band in [MAINTAINER, OWNER] {
         if out.iter().all(|p| p.access_level >= band) {
             continue;
         }
-        let ids: std::collections::HashSet<u64> = list_all(
+        let ids: std::collections::HashSet<u64> = list_all::<gitlab::ProjectId>(
             state,
             id,
             &format!("membership=true&min_access_level={band}{archived}&simple=true"),
         )
         .await?
-        .iter()
-        .filter_map(|v| v.get("id").and_then(Value::as_u64))
+        .into_iter()
+        .map(|p| p.id)
         .collect();
         for p in out.iter_mut().filter(|p| ids.contains(&p.id)) {
             p.access_level = p.access_level.max(band);

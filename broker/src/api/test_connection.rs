@@ -9,6 +9,7 @@
 //! that does not apply, is `skip`.
 
 use super::error::ApiError;
+use super::gitlab;
 use crate::config::{Connection, Mode};
 use crate::frontdoor::internal::{self, Answer};
 use crate::state::AppState;
@@ -196,10 +197,9 @@ pub async fn run(state: &Arc<AppState>, conn: &Arc<Connection>) -> Report {
             return r.skip_rest("needs GitLab to be reachable");
         }
         Ok(a) => {
-            let v = a.json();
-            let detail = match v.get("version").and_then(|v| v.as_str()) {
-                Some(ver) => format!("GitLab {ver} answered at {}", conn.gitlab_url),
-                None => format!("GitLab answered {} at {}", a.status, conn.gitlab_url),
+            let detail = match gitlab::read::<gitlab::Version>(a, "GET /version") {
+                Ok(v) => format!("GitLab {} answered at {}", v.version, conn.gitlab_url),
+                Err(_) => format!("GitLab answered {} at {}", a.status, conn.gitlab_url),
             };
             r.push(pass("gitlab_reachable", detail));
             r.push(if https {
@@ -249,46 +249,42 @@ pub async fn run(state: &Arc<AppState>, conn: &Arc<Connection>) -> Report {
     let mut scopes: Option<Vec<String>> = None;
     match me.status {
         200 => {
-            let v = me.json();
-            let active = v.get("active").and_then(|x| x.as_bool()).unwrap_or(true);
-            let revoked = v.get("revoked").and_then(|x| x.as_bool()).unwrap_or(false);
-            if revoked || !active {
+            let t = match gitlab::read::<gitlab::TokenSelf>(&me, "GET /personal_access_tokens/self")
+            {
+                Ok(t) => t,
+                Err(e) => {
+                    r.push(fail("token_valid", e.to_string(), gitlab::NOT_API_HINT));
+                    return r.skip_rest("needs a valid token");
+                }
+            };
+            if t.revoked || !t.active {
                 r.push(fail(
                     "token_valid",
                     format!(
                         "the token is {}",
-                        if revoked { "revoked" } else { "inactive" }
+                        if t.revoked { "revoked" } else { "inactive" }
                     ),
                     TOKEN_HINT.replace("{id}", id),
                 ));
                 return r.skip_rest("needs a valid token");
             }
-            let name = v.get("name").and_then(|x| x.as_str()).unwrap_or("?");
-            let expires = v
-                .get("expires_at")
-                .and_then(|x| x.as_str())
+            let expires = t
+                .expires_at
                 .map(|d| format!(", expires {d}"))
                 .unwrap_or_else(|| ", never expires".into());
             r.push(pass(
                 "token_valid",
-                format!("token {name:?} is active{expires}"),
+                format!("token {:?} is active{expires}", t.name),
             ));
-            scopes = v.get("scopes").and_then(|s| s.as_array()).map(|a| {
-                a.iter()
-                    .filter_map(|x| x.as_str().map(str::to_string))
-                    .collect()
-            });
+            scopes = Some(t.scopes);
         }
         // GitLab before 15.5 has no /personal_access_tokens/self: 14.x answers
         // 404, 15.1–15.4 route "self" to /personal_access_tokens/:id and answer
         // a non-administrator 401 although the token is good. /user decides.
         401 | 404 => match internal::call(state, id, Method::GET, "/api/v4/user", None).await {
             Ok(a) if a.ok() => {
-                let who = a
-                    .json()
-                    .get("username")
-                    .and_then(|u| u.as_str())
-                    .map(|u| format!(" (user {u})"))
+                let who = gitlab::read::<gitlab::User>(&a, "GET /user")
+                    .map(|u| format!(" (user {})", u.username))
                     .unwrap_or_default();
                 r.push(pass(
                         "token_valid",
@@ -352,16 +348,12 @@ pub async fn run(state: &Arc<AppState>, conn: &Arc<Connection>) -> Report {
     } else {
         None
     };
-    let first_project = match &projects {
-        Some(Ok(a)) if a.ok() => a
-            .json()
-            .as_array()
-            .and_then(|v| v.first().cloned())
-            .and_then(|p| {
-                p.get("path_with_namespace")
-                    .and_then(|x| x.as_str())
-                    .map(str::to_string)
-            }),
+    let listed = match &projects {
+        Some(Ok(a)) if a.ok() => Some(gitlab::read::<Vec<gitlab::Project>>(a, "GET /projects")),
+        _ => None,
+    };
+    let first_project = match &listed {
+        Some(Ok(list)) => list.first().map(|p| p.path_with_namespace.clone()),
         _ => None,
     };
     match &scopes {
@@ -406,7 +398,14 @@ pub async fn run(state: &Arc<AppState>, conn: &Arc<Connection>) -> Report {
     }
     match projects {
         Some(Ok(a)) if a.ok() => {
-            let n = a.json().as_array().map(|v| v.len()).unwrap_or(0);
+            let n = match &listed {
+                Some(Ok(list)) => list.len(),
+                Some(Err(e)) => {
+                    r.push(fail("projects_found", e.to_string(), gitlab::NOT_API_HINT));
+                    return r.finish();
+                }
+                None => 0,
+            };
             if n == 0 {
                 r.push(fail(
                     "projects_found",

@@ -25,8 +25,8 @@ use futures::StreamExt;
 use gitproxy_integration_tests::harness::agent::Agent;
 use gitproxy_integration_tests::harness::broker::{Broker, BrokerSpec, ConnSpec};
 use gitproxy_integration_tests::harness::fake_agent::{hello, FakeAgent};
-use gitproxy_integration_tests::harness::pattern::Pattern;
-use gitproxy_integration_tests::harness::upstream::{Upstream, JSON1K_LEN};
+use gitproxy_integration_tests::harness::pattern::{crc_of, Pattern};
+use gitproxy_integration_tests::harness::upstream::{blob_chunk, Upstream, JSON1K_LEN};
 use gitproxy_integration_tests::harness::{client, init};
 use gitproxy_integration_tests::sandbox::{access, ProjectSpec, Sandbox, SandboxConfig, TokenSpec};
 use gitproxy_proto::v1::{agent_message, broker_message, Pong};
@@ -680,7 +680,27 @@ async fn small(plan: &Plan, env: &Env, r: &mut Report) -> Result<()> {
 
 // ---------------------------------------------------------------- bulk
 
+/// Whether `data`, found at offset `at` of a `/api/v4/blob` answer, is what
+/// the upstream sent there (it repeats `blob`). A memory compare: much
+/// cheaper than the transfer it checks.
+fn is_blob_at(blob: &[u8], at: u64, data: &[u8]) -> bool {
+    let mut pos = (at % blob.len() as u64) as usize;
+    let mut rest = data;
+    while !rest.is_empty() {
+        let k = rest.len().min(blob.len() - pos);
+        if rest[..k] != blob[pos..pos + k] {
+            return false;
+        }
+        rest = &rest[k..];
+        pos = 0;
+    }
+    true
+}
+
+/// Reads a `/api/v4/blob` answer to the end, checking every byte; its
+/// length and the seconds it took.
 async fn download(c: &reqwest::Client, url: &str) -> Result<(u64, f64)> {
+    let blob = blob_chunk();
     let t = Instant::now();
     let resp = c.get(url).send().await?;
     if resp.status() != 200 {
@@ -689,13 +709,38 @@ async fn download(c: &reqwest::Client, url: &str) -> Result<(u64, f64)> {
     let mut n = 0u64;
     let mut s = resp.bytes_stream();
     while let Some(ch) = s.next().await {
-        n += ch?.len() as u64;
+        let ch = ch?;
+        if !is_blob_at(&blob, n, &ch) {
+            bail!(
+                "{url}: the {} bytes at offset {n} differ from what the upstream sent",
+                ch.len()
+            );
+        }
+        n += ch.len() as u64;
     }
     Ok((n, t.elapsed().as_secs_f64()))
 }
 
+/// The chunk an upload repeats.
+fn upload_chunk() -> Bytes {
+    Pattern::new(5).chunk(64 * 1024)
+}
+
+/// CRC-32 of the first `n` bytes of an upload (see [`chunk_stream`]).
+fn upload_crc(n: u64) -> u32 {
+    let chunk = upload_chunk();
+    let mut h = crc32fast::Hasher::new();
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(chunk.len() as u64) as usize;
+        h.update(&chunk[..k]);
+        left -= k as u64;
+    }
+    h.finalize()
+}
+
 fn chunk_stream(n: u64) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
-    let chunk = Pattern::new(5).chunk(64 * 1024);
+    let chunk = upload_chunk();
     let mut left = n;
     futures::stream::poll_fn(move |_| {
         if left == 0 {
@@ -707,7 +752,10 @@ fn chunk_stream(n: u64) -> impl futures::Stream<Item = Result<Bytes, std::io::Er
     })
 }
 
+/// Streams `n` bytes to `/api/v4/sink`; checks the upstream got exactly
+/// them (length and CRC-32); the seconds it took.
 async fn upload(c: &reqwest::Client, url: &str, n: u64) -> Result<(u64, f64)> {
+    let want_crc = upload_crc(n);
     let t = Instant::now();
     let resp = c
         .post(url)
@@ -723,6 +771,9 @@ async fn upload(c: &reqwest::Client, url: &str, n: u64) -> Result<(u64, f64)> {
     let len = v["len"].as_u64().unwrap_or(0);
     if len != n {
         bail!("{url}: upstream received {len} of {n} bytes ({v})");
+    }
+    if v["crc"].as_u64() != Some(u64::from(want_crc)) {
+        bail!("{url}: the upstream received other bytes than were sent: CRC-32 {want_crc} sent, {v} received");
     }
     Ok((len, el))
 }
@@ -790,7 +841,7 @@ async fn bulk(plan: &Plan, env: &Env, r: &mut Report) -> Result<()> {
         row("agent peak RSS (VmHWM), MiB", None, agent_hwm[1], None),
     ];
     let notes = vec![
-        "download: `GET /api/v4/blob?n=N` (the upstream repeats one prebuilt 64 KiB chunk), read as a stream by reqwest, bytes counted; upload: `POST /api/v4/sink`, a chunked body streamed by reqwest in 64 KiB chunks, the upstream counts and checks the length".to_string(),
+        "download: `GET /api/v4/blob?n=N` (the upstream repeats one prebuilt 64 KiB chunk), read as a stream by reqwest, every byte compared with what was sent; upload: `POST /api/v4/sink`, a chunked body streamed by reqwest in 64 KiB chunks, the upstream counts it and takes its CRC-32, compared with the sent bytes'. Byte-exact: any difference fails the scenario".to_string(),
         "MB/s = 10^6 bytes per second of wall time from sending the request to the last byte (download) or the upstream's answer (upload)".to_string(),
         "peak RSS is read right after the tunnel runs (broker and agent), then again after the front-door runs (broker, cumulative since start); the bulk scenario runs first, on fresh processes".to_string(),
     ];
@@ -999,7 +1050,7 @@ async fn hol(plan: &Plan, env: &Env, r: &mut Report) -> Result<()> {
         ),
     ];
     let notes = vec![format!(
-        "after a warm-up round, 16 concurrent `GET /api/v4/blob?n={}` ({} MiB each, {} MiB in all) read to the end (the baseline is the mean of one such run just before and one just after); then the same while one more request (64 GiB) has its head received and its body never read; through the tunnel all 17 share the agent's one gRPC stream",
+        "after a warm-up round, 16 concurrent `GET /api/v4/blob?n={}` ({} MiB each, {} MiB in all) read to the end, every byte checked (the baseline is the mean of one such run just before and one just after); then the same while one more request (64 GiB) has its head received and its body never read; through the tunnel all 17 share the agent's one gRPC stream",
         each,
         each >> 20,
         (16 * each) >> 20
@@ -1268,6 +1319,7 @@ async fn clone(plan: &Plan, r: &mut Report) -> Result<()> {
     })
     .await?;
     let created = t.elapsed().as_secs_f64();
+    let want_crc = crc_of(7, size as u64);
     let gitlab = format!("http://{addr}");
     let broker = Broker::start(BrokerSpec {
         connections: vec![
@@ -1307,6 +1359,10 @@ async fn clone(plan: &Plan, r: &mut Report) -> Result<()> {
             let s = git_clone(work.path(), extra, url, name).await?;
             let repo = work.path().join(name);
             let p = pack_bytes(&repo);
+            let file = std::fs::read(repo.join("assets/blob.bin"))?;
+            if file.len() != size || crc32fast::hash(&file) != want_crc {
+                bail!("{name}: the cloned assets/blob.bin differs from the file committed ({} of {size} bytes)", file.len());
+            }
             let i = idx(name);
             if secs[i].is_none_or(|best| s < best) {
                 secs[i] = Some(s);
@@ -1322,7 +1378,7 @@ async fn clone(plan: &Plan, r: &mut Report) -> Result<()> {
         row("pack MB per second of clone", mbs[0], mbs[1], mbs[2]),
     ];
     let notes = vec![format!(
-        "best of 2 rounds (direct, tunnel, front door in turn) after one warm-up clone; `git clone -q` of `team/big` (one commit with a {} MiB random file, created in {created:.1} s) from the sandbox GitLab (in this process; `git http-backend` does the serving, so `git pack-objects` runs for every clone); direct = the sandbox itself with `Authorization: Basic oauth2:<token>`; through gitproxy the broker injects the token; a fresh broker and agent for this scenario",
+        "best of 2 rounds (direct, tunnel, front door in turn) after one warm-up clone; `git clone -q` of `team/big` (one commit with a {} MiB random file, created in {created:.1} s) from the sandbox GitLab (in this process; `git http-backend` does the serving, so `git pack-objects` runs for every clone); each clone's file is compared (length, CRC-32) with the one committed; direct = the sandbox itself with `Authorization: Basic oauth2:<token>`; through gitproxy the broker injects the token; a fresh broker and agent for this scenario",
         size >> 20
     )];
     r.add(&table(

@@ -17,7 +17,9 @@
 //!   many were being answered at once.
 //! - `GET  /api/v4/blob?n=N` — N bytes cut from one prebuilt 64 KiB chunk
 //!   (no per-byte work: the benchmark's fast bulk source).
-//! - `POST /api/v4/sink` — reads and discards the body; answers `{"len": N}`.
+//! - `POST /api/v4/sink` — reads and discards the body; answers
+//!   `{"len": N, "crc": C}` (CRC-32 of what came, so a sender can check it
+//!   byte for byte at a fraction of a pattern compare's cost).
 //! - `GET  /api/v4/cut?n=N[&length=1]` — N pattern bytes (seed 5), then the
 //!   connection is cut (GitLab dying mid-body); with `length=1` the head
 //!   announces `Content-Length: 2N`, else the body is chunked.
@@ -87,7 +89,9 @@ pub fn json1k() -> Bytes {
     .clone()
 }
 
-fn blob_chunk() -> Bytes {
+/// The 64 KiB chunk `/api/v4/blob` repeats, for a reader that checks every
+/// byte it receives.
+pub fn blob_chunk() -> Bytes {
     static CHUNK: OnceLock<Bytes> = OnceLock::new();
     CHUNK
         .get_or_init(|| Pattern::new(99).chunk(64 * 1024))
@@ -175,6 +179,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         }
         ("POST", "/api/v4/sink") => {
             let mut len = 0u64;
+            let mut crc = crc32fast::Hasher::new();
             let mut body = req.into_body();
             let mut failed = None;
             while let Some(f) = body.frame().await {
@@ -182,6 +187,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
                     Ok(f) => {
                         if let Some(d) = f.data_ref() {
                             len += d.len() as u64;
+                            crc.update(d);
                         }
                     }
                     Err(e) => {
@@ -192,7 +198,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
             }
             return Ok(full(
                 200,
-                serde_json::json!({"len": len, "error": failed}).to_string(),
+                serde_json::json!({"len": len, "crc": crc.finalize(), "error": failed}).to_string(),
             ));
         }
         _ => {}

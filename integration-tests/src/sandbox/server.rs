@@ -10,6 +10,8 @@ use axum::body::Body;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls_pki_types::pem::{self, PemObject};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -172,12 +174,14 @@ pub async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body>
 
 /// Builds a rustls acceptor (ring provider) from PEM cert chain and key.
 pub fn tls_acceptor(cert_pem: &[u8], key_pem: &[u8]) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
-    let certs = rustls_pemfile::certs(&mut &cert_pem[..])
+    let certs = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<Vec<_>, _>>()
         .context("parsing TLS certificate PEM")?;
-    let key = rustls_pemfile::private_key(&mut &key_pem[..])
-        .context("parsing TLS key PEM")?
-        .ok_or_else(|| anyhow::anyhow!("no private key in PEM"))?;
+    anyhow::ensure!(!certs.is_empty(), "no certificate in PEM");
+    let key = match PrivateKeyDer::from_pem_slice(key_pem) {
+        Err(pem::Error::NoItemsFound) => anyhow::bail!("no private key in PEM"),
+        other => other.context("parsing TLS key PEM")?,
+    };
     let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
