@@ -15,6 +15,7 @@
 
 use crate::config::AgentConfig;
 use crate::dial::{self, DialError};
+use crate::metrics::{AgentMetrics, Outcome};
 use crate::request;
 use gitproxy_proto::v1::{
     agent_message::Msg as Out, broker_message::Msg as In, AgentMessage, BrokerMessage, Cancel,
@@ -145,6 +146,8 @@ pub struct SessionContext {
     /// The GitLab origin (scheme, host, port) of the first Welcome accepted
     /// since the agent started: an unpinned agent refuses any other.
     pub first_origin: Arc<Mutex<Option<String>>>,
+    /// The agent's metrics.
+    pub metrics: Arc<AgentMetrics>,
 }
 
 /// A request being served.
@@ -160,6 +163,7 @@ pub(crate) struct Shared {
     pub(crate) upstream: Upstream,
     pub(crate) tx: mpsc::Sender<AgentMessage>,
     pub(crate) broker_flow: FlowSettings,
+    pub(crate) metrics: Arc<AgentMetrics>,
     control: Arc<Control>,
     inflight: Mutex<HashMap<u64, Inflight>>,
     idle: Notify,
@@ -332,10 +336,13 @@ pub async fn run(ctx: SessionContext) -> Result<SessionEnd, SessionError> {
         upstream,
         tx: tx.clone(),
         broker_flow,
+        metrics: ctx.metrics.clone(),
         control: control.clone(),
         inflight: Mutex::new(HashMap::new()),
         idle: Notify::new(),
     });
+    // Open (for the metrics) until this function returns.
+    let _stream = ctx.metrics.stream_opened();
     // The supervisor publishes the health state, then logs the connection.
     let _ = ctx
         .events
@@ -644,6 +651,11 @@ impl Reader {
         if let Err(reason) = self.shared.cfg.policy.check(&h.method, &h.path) {
             let reason = sanitize::text(&reason, sanitize::MAX_REASON_BYTES);
             warn!(request_id = id, method = %method, path = %path, error = "blocked_by_policy", "refused by policy: {reason}");
+            self.shared.metrics.request_finished(
+                Outcome::Status(ErrorCode::BlockedByPolicy.http_status()),
+                Some(ErrorCode::BlockedByPolicy.as_str()),
+                0,
+            );
             self.shared.reply_error(
                 id,
                 &GitproxyError::new(
@@ -689,13 +701,18 @@ impl Reader {
         if data.len() > self.shared.cfg.flow.max_chunk_bytes as usize {
             return self.request_violation(id, "Data frame larger than the largest chunk");
         }
+        let len = data.len();
         let res = {
             let map = self.shared.lock();
             match map.get(&id) {
                 None => None,
                 Some(Inflight { body: None, .. }) => Some(Err("Data after End")),
                 Some(Inflight { body: Some(b), .. }) => Some(match b.push(data) {
-                    Ok(()) | Err(PushError::Gone) => Ok(()),
+                    Ok(()) => {
+                        self.shared.metrics.request_bytes(len);
+                        Ok(())
+                    }
+                    Err(PushError::Gone) => Ok(()),
                     Err(PushError::Overrun) => Err("Data beyond the granted credit"),
                 }),
             }

@@ -78,6 +78,7 @@ fn harness() -> Harness {
         upstream,
         tx,
         broker_flow: FlowSettings::default(),
+        metrics: Default::default(),
         control: Control::new(),
         inflight: Mutex::new(HashMap::new()),
         idle: Notify::new(),
