@@ -139,6 +139,10 @@ pub struct HealthArgs {
     /// A state older than this counts as dead (the agent refreshes it every 10s).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub max_age: Duration,
+    /// Print the agent's metrics (OpenMetrics text) on stdout; the verdict
+    /// goes to stderr, the exit status stays the same.
+    #[arg(long)]
+    pub metrics: bool,
 }
 
 /// The validated configuration of a running agent.

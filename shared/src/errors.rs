@@ -225,6 +225,18 @@ pub struct Route {
     pub proxy: Option<String>,
 }
 
+/// The `status_class` label both programs' metrics give an HTTP status
+/// (`2xx`, ...; anything outside 100–499 counts as `5xx`).
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
 /// Turns a failure to reach GitLab into the product's error, by walking the
 /// source chain: TLS verification errors, proxy tunnel refusals, DNS,
 /// refused connections and timeouts each name their fix.

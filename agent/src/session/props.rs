@@ -91,6 +91,7 @@ fn harness() -> Harness {
         upstream,
         tx,
         broker_flow: FlowSettings::default(),
+        metrics: Default::default(),
         control: Control::new(),
         inflight: Mutex::new(HashMap::new()),
         idle: Notify::new(),

@@ -10,6 +10,7 @@
 //! the supervisor reconnects.
 
 use super::shared::{Inflight, Shared};
+use crate::metrics::Outcome;
 use crate::request;
 use gitproxy_proto::v1::{broker_message::Msg as In, BrokerMessage, Cancel, RequestHead};
 use gitproxy_shared::errors::{ErrorCode, GitproxyError};
@@ -71,12 +72,17 @@ impl Reader {
             Some(In::RequestHead(h)) => self.start(h),
             Some(In::Data(d)) => {
                 let id = d.id;
+                let len = d.data.len();
                 let res = {
                     let mut map = self.shared.lock();
                     match self.judge(&mut map, id, Frame::Data { len: d.data.len() }) {
                         Ok(Step::Data) => match map.get(&id).and_then(|e| e.body.as_ref()) {
                             Some(b) => match b.push(d.data) {
-                                Ok(()) | Err(PushError::Gone) => Ok(()),
+                                Ok(()) => {
+                                    self.shared.metrics.request_bytes(len);
+                                    Ok(())
+                                }
+                                Err(PushError::Gone) => Ok(()),
                                 Err(PushError::Overrun) => Err(Violation::BeyondCredit),
                             },
                             None => Ok(()),
@@ -207,6 +213,11 @@ impl Reader {
         if let Err(reason) = self.shared.cfg.policy.check(&h.method, &h.path) {
             let reason = sanitize::text(&reason, sanitize::MAX_REASON_BYTES);
             warn!(request_id = id, method = %method, path = %path, error = "blocked_by_policy", "refused by policy: {reason}");
+            self.shared.metrics.request_finished(
+                Outcome::Status(ErrorCode::BlockedByPolicy.http_status()),
+                Some(ErrorCode::BlockedByPolicy.as_str()),
+                0,
+            );
             self.shared.reply_error(
                 id,
                 &GitproxyError::new(

@@ -2,6 +2,7 @@
 //! requests, the outbound queue, and the Error frames that end a request.
 
 use crate::config::AgentConfig;
+use crate::metrics::AgentMetrics;
 use gitproxy_proto::v1::{
     agent_message::Msg as Out, AgentMessage, Credit, Error as ErrorFrame, Pong,
 };
@@ -32,6 +33,7 @@ pub(crate) struct Shared {
     pub(crate) upstream: Upstream,
     pub(crate) tx: mpsc::Sender<AgentMessage>,
     pub(crate) broker_flow: FlowSettings,
+    pub(crate) metrics: Arc<AgentMetrics>,
     pub(super) control: Arc<Control>,
     pub(super) inflight: Mutex<HashMap<u64, Inflight>>,
     pub(super) idle: Notify,

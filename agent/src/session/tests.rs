@@ -34,6 +34,7 @@ fn shared() -> (Arc<Shared>, mpsc::Receiver<AgentMessage>) {
         upstream,
         tx,
         broker_flow: FlowSettings::default(),
+        metrics: Default::default(),
         control: gitproxy_shared::tunnel::outbound::Control::new(),
         inflight: Mutex::new(Default::default()),
         idle: Default::default(),
@@ -255,6 +256,7 @@ async fn heartbeat_silence_ends_the_session() {
         connected_generation,
         upstream_cache: Default::default(),
         first_origin: Default::default(),
+        metrics: Default::default(),
     };
     let (to_agent, inbound) = fmpsc::unbounded::<Result<BrokerMessage, tonic::Status>>();
     let heartbeat = Heartbeat {

@@ -113,7 +113,7 @@ async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str
     }
 }
 
-/// `GET /metrics`: Prometheus text format (no API key).
+/// `GET /metrics`: OpenMetrics text format (no API key).
 async fn metrics(State(state): State<Arc<AppState>>) -> http::Response<axum::body::Body> {
     let conns = state.connections();
     let mut agents = std::collections::BTreeMap::new();
@@ -131,14 +131,15 @@ async fn metrics(State(state): State<Arc<AppState>>) -> http::Response<axum::bod
         agents,
         in_flight: state.in_flight_counts(),
     };
-    let mut text = state.observer.render(&g);
-    if let Some(c) = &state.cluster {
-        c.registry.render_metrics(&mut text);
-    }
+    let text = state.observer.render_with(&g, |r| {
+        if let Some(c) = &state.cluster {
+            c.registry.register_metrics(r);
+        }
+    });
     let mut r = http::Response::new(axum::body::Body::from(text));
     r.headers_mut().insert(
         http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        http::HeaderValue::from_static(crate::observe::metrics::CONTENT_TYPE),
     );
     r
 }

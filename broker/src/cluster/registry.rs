@@ -42,10 +42,12 @@
 use super::redis::RedisHandle;
 use crate::tunnel::Registry;
 use gitproxy_shared::log_limit::{EpisodeLog, Report};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry as MetricsRegistry;
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -758,27 +760,29 @@ impl ClusterRegistry {
         });
     }
 
-    /// Prometheus lines about the registry (appended to `/metrics`).
-    pub fn render_metrics(&self, out: &mut String) {
-        let _ = writeln!(
-            out,
-            "# HELP gitproxy_registry_up Whether the last command to the tunnel registry (Redis) succeeded.\n# TYPE gitproxy_registry_up gauge\ngitproxy_registry_up {}",
-            u8::from(self.is_up())
+    /// Registers the registry's scrape-time metrics (for `/metrics`).
+    pub fn register_metrics(&self, r: &mut MetricsRegistry) {
+        r.register(
+            "gitproxy_registry_up",
+            "Whether the last command to the tunnel registry (Redis) succeeded",
+            ConstGauge::new(i64::from(self.is_up())),
         );
-        let _ = writeln!(
-            out,
-            "# HELP gitproxy_registry_errors_total Failed tunnel registry operations (Redis unreachable or failing).\n# TYPE gitproxy_registry_errors_total counter\ngitproxy_registry_errors_total {}",
-            self.errors.load(Ordering::Relaxed)
+        r.register(
+            "gitproxy_registry_errors",
+            "Failed tunnel registry operations (Redis unreachable or failing)",
+            ConstCounter::new(self.errors.load(Ordering::Relaxed)),
         );
-        let _ = writeln!(
-            out,
-            "# HELP gitproxy_registry_streams Agent streams of this replica written to the tunnel registry.\n# TYPE gitproxy_registry_streams gauge\ngitproxy_registry_streams {}",
-            self.registered.load(Ordering::Relaxed)
+        r.register(
+            "gitproxy_registry_streams",
+            "Agent streams of this replica written to the tunnel registry",
+            ConstGauge::new(
+                i64::try_from(self.registered.load(Ordering::Relaxed)).unwrap_or(i64::MAX),
+            ),
         );
-        let _ = writeln!(
-            out,
-            "# HELP gitproxy_registry_commands_total Redis commands sent by the tunnel registry (upkeep, writes, lookups).\n# TYPE gitproxy_registry_commands_total counter\ngitproxy_registry_commands_total {}",
-            self.commands.load(Ordering::Relaxed)
+        r.register(
+            "gitproxy_registry_commands",
+            "Redis commands sent by the tunnel registry (upkeep, writes, lookups)",
+            ConstCounter::new(self.commands.load(Ordering::Relaxed)),
         );
     }
 

@@ -1023,12 +1023,14 @@ async fn grpcurl_drives_the_admin_service() {
 // 7. /metrics
 // ---------------------------------------------------------------------------
 
-/// A minimal Prometheus text-format (0.0.4) parser: every sample line is
+/// A minimal OpenMetrics text parser: every sample line is
 /// `name{label="value",...} number`, every sample's family has a `# TYPE`
-/// declared before it. Returns `name{labels}` → value.
+/// declared before it, the text ends with `# EOF`. Returns `name{labels}`
+/// → value.
 fn parse_prometheus(text: &str) -> BTreeMap<String, f64> {
     let mut types: BTreeMap<String, String> = BTreeMap::new();
     let mut out = BTreeMap::new();
+    assert!(text.ends_with("# EOF\n"), "no # EOF at the end");
     let valid_name = |n: &str| {
         !n.is_empty()
             && n.chars().enumerate().all(|(i, c)| {
@@ -1093,13 +1095,20 @@ fn parse_prometheus(text: &str) -> BTreeMap<String, f64> {
                 other => panic!("unexpected {other:?} in {line}"),
             }
         }
-        let family = ["_bucket", "_sum", "_count"]
-            .iter()
-            .find_map(|s| {
-                name.strip_suffix(s)
-                    .filter(|b| types.get(*b).map(String::as_str) == Some("histogram"))
-            })
-            .unwrap_or(name);
+        // A histogram's samples, and (OpenMetrics) a counter's `_total`
+        // sample, belong to the family named without the suffix.
+        let family = [
+            ("_bucket", "histogram"),
+            ("_sum", "histogram"),
+            ("_count", "histogram"),
+            ("_total", "counter"),
+        ]
+        .iter()
+        .find_map(|(s, t)| {
+            name.strip_suffix(s)
+                .filter(|b| types.get(*b).map(String::as_str) == Some(*t))
+        })
+        .unwrap_or(name);
         assert!(types.contains_key(family), "no # TYPE for {name}");
         out.insert(name_labels.to_string(), value);
     }
@@ -1131,7 +1140,7 @@ async fn metrics_parse_and_move_with_traffic() {
         assert!(r.headers()["content-type"]
             .to_str()
             .unwrap()
-            .starts_with("text/plain"));
+            .starts_with("application/openmetrics-text; version=1.0.0"));
         parse_prometheus(&r.text().await.unwrap())
     };
     let m0 = scrape().await;
@@ -1178,7 +1187,7 @@ async fn metrics_parse_and_move_with_traffic() {
         4.0
     );
     assert_eq!(
-        delta("gitproxy_request_duration_seconds_bucket{connection=\"acme\",le=\"+Inf\"}"),
+        delta("gitproxy_request_duration_seconds_bucket{le=\"+Inf\",connection=\"acme\"}"),
         4.0
     );
     assert_eq!(

@@ -27,6 +27,7 @@ mod helm;
 mod hostile_agent;
 mod limits;
 mod listener_limits;
+mod metrics_families;
 mod policy_prefixes;
 mod sandbox;
 mod secrets;

@@ -1,0 +1,259 @@
+//! What the broker tells about its traffic besides the log: Prometheus
+//! metrics (`/metrics`, [`metrics`]) and the live event feed of
+//! `Admin/WatchTunnel`.
+//!
+//! Both are fed at the same two places: the front door (a request finished,
+//! in `frontdoor/body.rs`, or was refused/failed by gitproxy, in
+//! `frontdoor/mod.rs`) and the tunnel (an agent connected or went away, or
+//! broke the protocol: `tunnel/service.rs`, `tunnel/session.rs`). Recording
+//! never waits: metrics are atomics (see [`metrics`] for the locks a lookup
+//! takes), and events go into a bounded `broadcast` channel where a slow
+//! watcher loses the oldest events (it lags) instead of slowing traffic.
+
+pub mod metrics;
+
+pub use metrics::{Gauges, Metrics, LATENCY_BUCKETS};
+
+use gitproxy_proto::v1 as pb;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::sync::broadcast;
+
+/// Events buffered per watcher before the slowest one starts losing some.
+pub const EVENT_BUFFER: usize = 1024;
+
+/// One event of a connection's tunnel.
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// The connection it belongs to.
+    pub connection: String,
+    /// The wire form.
+    pub event: pb::TunnelEvent,
+}
+
+/// How a front-door request ended, for metrics and events.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    /// Broker-wide sequence number of the request (also in `RequestStarted`).
+    pub seq: u64,
+    /// Connection id (`None` when the connection is unknown).
+    pub connection: Option<String>,
+    /// "agent" or "direct" ("" when it never got that far).
+    pub mode: &'static str,
+    /// Method.
+    pub method: String,
+    /// Path without query.
+    pub path: String,
+    /// Status sent to the caller.
+    pub status: u16,
+    /// Request body bytes forwarded.
+    pub bytes_in: u64,
+    /// Response body bytes sent.
+    pub bytes_out: u64,
+    /// Time from arrival to the end of the response body.
+    pub duration: Duration,
+    /// gitproxy's error code when gitproxy made or cut the answer.
+    pub error: String,
+    /// The tunnel request id (agent mode).
+    pub tunnel_request_id: u64,
+    /// The agent instance (agent mode).
+    pub agent: String,
+}
+
+/// Metrics and events.
+pub struct Observer {
+    metrics: Metrics,
+    events: broadcast::Sender<Event>,
+    seq: AtomicU64,
+}
+
+impl Default for Observer {
+    fn default() -> Self {
+        Observer::new()
+    }
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+impl Observer {
+    /// An empty observer.
+    pub fn new() -> Self {
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        Observer {
+            metrics: Metrics::new(),
+            events,
+            seq: AtomicU64::new(0),
+        }
+    }
+
+    fn emit(&self, connection: &str, event: pb::tunnel_event::Event) {
+        // No receiver is fine: nobody watches.
+        let _ = self.events.send(Event {
+            connection: connection.to_string(),
+            event: pb::TunnelEvent {
+                time: now_rfc3339(),
+                event: Some(event),
+            },
+        });
+    }
+
+    /// A new watcher of every connection's events.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// A front-door request of `connection` starts; returns its sequence number.
+    pub fn request_started(&self, connection: &str, method: &str, path: &str) -> u64 {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        self.emit(
+            connection,
+            pb::tunnel_event::Event::RequestStarted(pb::RequestStarted {
+                request_id: seq,
+                method: method.to_string(),
+                path: path.to_string(),
+            }),
+        );
+        seq
+    }
+
+    /// A front-door request ended (answered by GitLab or by gitproxy).
+    pub fn request_finished(&self, f: Finished) {
+        // Unknown connection ids come from callers: never make them labels.
+        let Some(conn) = f.connection.as_deref() else {
+            return;
+        };
+        self.metrics.request_finished(
+            conn,
+            f.status,
+            &f.error,
+            f.bytes_in,
+            f.bytes_out,
+            f.duration,
+        );
+        self.emit(
+            conn,
+            pb::tunnel_event::Event::RequestFinished(pb::RequestFinished {
+                request_id: f.seq,
+                method: f.method,
+                path: f.path,
+                status: f.status as u32,
+                bytes_in: f.bytes_in,
+                bytes_out: f.bytes_out,
+                duration_ms: f.duration.as_millis() as u64,
+                error: f.error,
+                tunnel_request_id: f.tunnel_request_id,
+                mode: f.mode.to_string(),
+                agent: f.agent,
+            }),
+        );
+    }
+
+    /// An agent stream was accepted for `connection`.
+    pub fn agent_connected(&self, connection: &str, instance: &str, version: &str) {
+        self.metrics.series(connection).agent_connects.inc();
+        self.emit(
+            connection,
+            pb::tunnel_event::Event::AgentConnected(pb::AgentConnected {
+                instance: instance.to_string(),
+                version: version.to_string(),
+            }),
+        );
+    }
+
+    /// An agent of `connection` broke the tunnel protocol once.
+    pub fn protocol_violation(&self, connection: &str) {
+        self.metrics.series(connection).violations.inc();
+    }
+
+    /// Cluster mode: a request of `connection` was sent to another replica
+    /// (`"out"`) or received from one (`"in"`).
+    pub fn forwarded(&self, connection: &str, direction: &'static str) {
+        self.metrics.forwarded(connection, direction);
+    }
+
+    /// An agent stream of `connection` ended.
+    pub fn agent_disconnected(&self, connection: &str, instance: &str, reason: &str) {
+        self.metrics.series(connection).agent_disconnects.inc();
+        self.emit(
+            connection,
+            pb::tunnel_event::Event::AgentDisconnected(pb::AgentDisconnected {
+                instance: instance.to_string(),
+                reason: reason.to_string(),
+            }),
+        );
+    }
+
+    /// The OpenMetrics exposition (content type [`metrics::CONTENT_TYPE`]).
+    pub fn render(&self, g: &Gauges) -> String {
+        self.metrics.render(g, |_| {})
+    }
+
+    /// [`Observer::render`] with more scrape-time families (cluster mode).
+    pub fn render_with(&self, g: &Gauges, more: impl FnOnce(&mut Registry)) -> String {
+        self.metrics.render(g, more)
+    }
+}
+
+/// Shared handle.
+pub type SharedObserver = Arc<Observer>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn counts_and_renders() {
+        let o = Observer::new();
+        let mut rx = o.subscribe();
+        let seq = o.request_started("acme", "GET", "/api/v4/version");
+        o.request_finished(Finished {
+            seq,
+            connection: Some("acme".into()),
+            mode: "agent",
+            method: "GET".into(),
+            path: "/api/v4/version".into(),
+            status: 200,
+            bytes_in: 0,
+            bytes_out: 48,
+            duration: Duration::from_millis(3),
+            error: String::new(),
+            tunnel_request_id: 1,
+            agent: "a".into(),
+        });
+        o.agent_connected("acme", "a", "0.1.0");
+        o.protocol_violation("acme");
+        o.protocol_violation("acme");
+        o.forwarded("acme", "in");
+        let g = Gauges {
+            connections: vec![("acme".into(), "agent")],
+            agents: [("acme".to_string(), 1)].into(),
+            in_flight: BTreeMap::new(),
+        };
+        let text = o.render(&g);
+        for line in [
+            "# TYPE gitproxy_requests counter",
+            "gitproxy_requests_total{connection=\"acme\",status_class=\"2xx\"} 1",
+            "gitproxy_response_bytes_total{connection=\"acme\"} 48",
+            "gitproxy_request_bytes_total{connection=\"acme\"} 0",
+            "gitproxy_agents_connected{connection=\"acme\"} 1",
+            "gitproxy_requests_in_flight{connection=\"acme\"} 0",
+            "gitproxy_connection_info{connection=\"acme\",mode=\"agent\"} 1",
+            "gitproxy_request_duration_seconds_bucket{le=\"0.005\",connection=\"acme\"} 1",
+            "gitproxy_request_duration_seconds_count{connection=\"acme\"} 1",
+            "gitproxy_protocol_violations_total{connection=\"acme\"} 2",
+            "gitproxy_agent_disconnections_total{connection=\"acme\"} 0",
+            "gitproxy_forwarded_requests_total{connection=\"acme\",direction=\"in\"} 1",
+            "gitproxy_forwarded_requests_total{connection=\"acme\",direction=\"out\"} 0",
+            "# HELP gitproxy_build_info The running gitproxy-broker.",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        assert!(rx.try_recv().is_ok());
+    }
+}
