@@ -167,6 +167,15 @@ macro_rules! request_record {
         }
 
         impl RequestRecord {
+            /// A record with every field empty (zero, "") that started at
+            /// `started`.
+            pub fn blank(started: Instant) -> Self {
+                RequestRecord {
+                    $( $name: Default::default(), )*
+                    started,
+                }
+            }
+
             /// The request's one log line: `request` when the answer went
             /// out in full, a warning naming `aborted` (why the body was cut)
             /// otherwise.
@@ -240,27 +249,17 @@ impl RequestRecord {
     /// The record of a request of `connection` that just arrived.
     pub fn new(connection: String, method: String, path: String, started: Instant) -> Self {
         RequestRecord {
-            seq: 0,
             connection,
-            request_id: 0,
-            mode: "",
-            agent: String::new(),
             method,
             path,
-            status: 0,
-            bytes_in: 0,
-            bytes_out: 0,
-            duration_ms: 0,
-            error: "",
-            started,
+            ..RequestRecord::blank(started)
         }
     }
 
     /// Moves the record out (into the answer's body), leaving an empty one
     /// with the same start (no allocation).
     pub fn take(&mut self) -> Self {
-        let empty = RequestRecord::new(String::new(), String::new(), String::new(), self.started);
-        std::mem::replace(self, empty)
+        std::mem::replace(self, RequestRecord::blank(self.started))
     }
 
     /// Sets `duration_ms` from `started`.
