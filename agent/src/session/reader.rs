@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn, Instrument};
+use tracing::{debug, Instrument};
 
 /// What the dispatcher decided about the stream.
 #[derive(Debug, PartialEq, Eq)]
