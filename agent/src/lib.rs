@@ -11,7 +11,8 @@
 //! - [`dial`]: the transport to the broker (TCP, proxy CONNECT, TLS).
 //! - [`supervisor`]: keeps one session up; reconnects with [`backoff`]; drains.
 //! - [`session`]: one tunnel stream: handshake, frame dispatch, heartbeats.
-//! - [`request`]: one request replayed against GitLab.
+//! - [`request`]: one request replayed against GitLab; [`record`]: its
+//!   record, source of its log line and metrics.
 //! - [`health`]: the state file; [`metrics`]: the agent's counters, written
 //!   beside it; [`check`]: step-by-step diagnostics.
 
@@ -28,6 +29,7 @@ pub mod config;
 pub mod dial;
 pub mod health;
 pub mod metrics;
+pub mod record;
 pub mod request;
 pub mod session;
 pub mod supervisor;

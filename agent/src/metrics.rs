@@ -10,6 +10,7 @@
 //! labelled family (`requests`, `errors`) to find the series; its write
 //! side is taken only the first time a label value is seen.
 
+use crate::record::RequestRecord;
 use gitproxy_shared::errors::status_class;
 use prometheus_client::encoding::{text, EncodeLabelSet};
 use prometheus_client::metrics::counter::Counter;
@@ -38,15 +39,6 @@ struct VersionLabel {
 /// written to: the same name with the extension `metrics`.
 pub fn path_for(state_file: &Path) -> PathBuf {
     state_file.with_extension("metrics")
-}
-
-/// How one request served ended, as the metrics see it.
-#[derive(Debug, Clone, Copy)]
-pub enum Outcome {
-    /// GitLab's (or the agent's) answer had this status.
-    Status(u16),
-    /// The broker cancelled it before any answer.
-    Cancelled,
 }
 
 /// The agent's metric families.
@@ -183,21 +175,24 @@ impl AgentMetrics {
         self.touched();
     }
 
-    /// A request ended.
-    pub fn request_finished(&self, outcome: Outcome, error: Option<&'static str>, bytes_out: u64) {
-        let class = match outcome {
-            Outcome::Status(s) => status_class(s),
-            Outcome::Cancelled => "cancelled",
-        };
+    /// A request ended: the status class of the answer sent to the broker
+    /// ("cancelled": none, the broker cancelled it), its error code and its
+    /// response bytes.
+    pub fn request_finished(&self, r: &RequestRecord<'_>) {
+        let class = r.answered_status().map_or("cancelled", status_class);
         self.requests
             .get_or_create(&ClassLabel {
                 status_class: class,
             })
             .inc();
-        if let Some(code) = error {
-            self.errors.get_or_create(&CodeLabel { code }).inc();
+        if let Some(code) = r.error {
+            self.errors
+                .get_or_create(&CodeLabel {
+                    code: code.as_str(),
+                })
+                .inc();
         }
-        self.response_bytes.inc_by(bytes_out);
+        self.response_bytes.inc_by(r.bytes_out);
         self.touched();
     }
 
@@ -255,10 +250,15 @@ mod tests {
         {
             let _r = m.request_started();
             m.request_bytes(10);
-            m.request_finished(Outcome::Status(200), None, 48);
+            let mut r = RequestRecord::new(1, "GET".into(), "/".into());
+            (r.status, r.bytes_out) = (200, 48);
+            m.request_finished(&r);
         }
-        m.request_finished(Outcome::Status(502), Some("upstream_unreachable"), 0);
-        m.request_finished(Outcome::Cancelled, None, 0);
+        let mut r = RequestRecord::new(2, "GET".into(), "/".into());
+        r.error = Some(gitproxy_shared::errors::ErrorCode::UpstreamUnreachable);
+        m.request_finished(&r);
+        r.error = None;
+        m.request_finished(&r);
         let text = m.render();
         for line in [
             "gitproxy_agent_requests_total{status_class=\"2xx\"} 1",

@@ -1,11 +1,12 @@
 //! One request replayed against GitLab: build it from the head, stream the
 //! body in (credit handed back as GitLab takes it), stream the answer out
-//! within the broker's credit, log one line and count it in the metrics. A
+//! within the broker's credit, filling in the request's record
+//! (`record.rs`: one log line, the metrics). A
 //! GitLab that stops sending mid-body for the body idle time ends the
 //! request with `timeout`; time spent waiting for the broker's credit (a
 //! slow caller) does not count.
 
-use crate::metrics::Outcome;
+use crate::record::RequestRecord;
 use crate::session::{error_frame, Shared};
 use base64::Engine;
 use bytes::Bytes;
@@ -21,17 +22,9 @@ use gitproxy_shared::tunnel::body::BodyReceiver;
 use gitproxy_shared::tunnel::credit::SendCredit;
 use http::{HeaderMap, HeaderValue, Method};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
-
-/// Counters of one exchange, for the log line and the metrics.
-#[derive(Default)]
-struct Tally {
-    status: u16,
-    bytes_out: u64,
-    error: Option<ErrorCode>,
-}
+use tracing::warn;
 
 /// Serves one request until it completes, fails or is cancelled.
 pub(crate) async fn serve(
@@ -42,8 +35,14 @@ pub(crate) async fn serve(
     cancel: CancellationToken,
 ) {
     let id = head.id;
-    let started = Instant::now();
-    let mut tally = Tally::default();
+    let mut rec = RequestRecord::new(
+        id,
+        sanitize::text(&head.method, sanitize::MAX_METHOD_BYTES),
+        sanitize::text(
+            head.path.split('?').next().unwrap_or(""),
+            sanitize::MAX_PATH_BYTES,
+        ),
+    );
     // The request leaves the in-flight table however this task ends (a
     // panic included), so a drain never waits for a request that is gone.
     let _done = Finished {
@@ -55,31 +54,11 @@ pub(crate) async fn serve(
         // Dropping `relay` drops the upstream request and its connection, so
         // GitLab sees the caller go away at once.
         _ = cancel.cancelled() => {}
-        _ = relay(&shared, &head, body, &credit, &mut tally) => {}
+        _ = relay(&shared, &head, body, &credit, &mut rec) => {}
     }
     // A cancel also closes the credit, which can end `relay` first.
-    let cancelled = cancel.is_cancelled();
-    let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-    let path = sanitize::text(
-        head.path.split('?').next().unwrap_or(""),
-        sanitize::MAX_PATH_BYTES,
-    );
-    let method = sanitize::text(&head.method, sanitize::MAX_METHOD_BYTES);
-    let outcome = match (tally.status, tally.error) {
-        (0, Some(code)) => Outcome::Status(code.http_status()),
-        (0, None) => Outcome::Cancelled,
-        (status, _) => Outcome::Status(status),
-    };
-    shared
-        .metrics
-        .request_finished(outcome, tally.error.map(ErrorCode::as_str), tally.bytes_out);
-    if cancelled {
-        info!(request_id = id, method = %method, path = %path, status = tally.status, bytes_out = tally.bytes_out, duration_ms, "request cancelled by the broker");
-    } else if let Some(code) = tally.error {
-        warn!(request_id = id, method = %method, path = %path, status = tally.status, bytes_out = tally.bytes_out, duration_ms, error = %code, "request failed");
-    } else {
-        info!(request_id = id, method = %method, path = %path, status = tally.status, bytes_out = tally.bytes_out, duration_ms, "request");
-    }
+    rec.cancelled = cancel.is_cancelled();
+    rec.finish(&shared.metrics);
 }
 
 /// Removes a request from the in-flight table when dropped.
@@ -99,23 +78,23 @@ async fn relay(
     head: &RequestHead,
     body: Option<BodyReceiver>,
     credit: &SendCredit,
-    tally: &mut Tally,
+    rec: &mut RequestRecord<'_>,
 ) {
     let id = head.id;
-    let fail = |tally: &mut Tally, e: GitproxyError| {
-        tally.error = Some(e.error);
+    let fail = |rec: &mut RequestRecord<'_>, e: GitproxyError| {
+        rec.error = Some(e.error);
         warn!(request_id = id, error = %e.error, "{}", e.message);
         shared.reply_error(id, &e);
     };
     let Ok(method) = Method::from_bytes(head.method.as_bytes()) else {
         return fail(
-            tally,
+            rec,
             GitproxyError::new(ErrorCode::BadRequest, "malformed method"),
         );
     };
     let mut hdrs = match headers::from_wire(&head.headers) {
         Ok(h) => h,
-        Err(e) => return fail(tally, GitproxyError::new(ErrorCode::ProtocolError, e)),
+        Err(e) => return fail(rec, GitproxyError::new(ErrorCode::ProtocolError, e)),
     };
     let mut target = head.path.clone();
     if let Some(token) = &shared.cfg.gitlab_token {
@@ -139,10 +118,10 @@ async fn relay(
     };
     let mut resp = match result {
         Ok(r) => r,
-        Err(e) => return fail(tally, e),
+        Err(e) => return fail(rec, e),
     };
     let status = resp.status();
-    tally.status = status.as_u16();
+    rec.status = status.as_u16();
     let end_of_stream = method == Method::HEAD
         || status == http::StatusCode::NO_CONTENT
         || status == http::StatusCode::NOT_MODIFIED
@@ -168,10 +147,10 @@ async fn relay(
                 format!(
                     "GitLab sent no data for {}s in the middle of the response (after {} bytes); the body idle timeout (GITPROXY_BODY_IDLE_TIMEOUT) ended it",
                     idle.as_secs_f32(),
-                    tally.bytes_out
+                    rec.bytes_out
                 ),
             );
-            tally.error = Some(err.error);
+            rec.error = Some(err.error);
             warn!(request_id = id, error = %err.error, "{}", err.message);
             let _ = shared.tx.send(error_frame(id, &err)).await;
             return;
@@ -187,7 +166,7 @@ async fn relay(
                     {
                         return;
                     }
-                    tally.bytes_out += part.len() as u64;
+                    rec.bytes_out += part.len() as u64;
                     let frame = AgentMessage {
                         msg: Some(Out::Data(Data { id, data: part })),
                     };
@@ -202,11 +181,11 @@ async fn relay(
                     ErrorCode::UpstreamUnreachable,
                     format!(
                         "GitLab cut the response after {} bytes: {}",
-                        tally.bytes_out,
+                        rec.bytes_out,
                         gitproxy_shared::errors::Chain::new(&e.without_url()).text()
                     ),
                 );
-                tally.error = Some(err.error);
+                rec.error = Some(err.error);
                 let _ = shared.tx.send(error_frame(id, &err)).await;
                 return;
             }

@@ -52,7 +52,7 @@ pub fn main_with(cli: Cli) -> ExitCode {
         None => cli.serve,
     };
     gitproxy_shared::logging::init(args.log_format);
-    let cfg = match BrokerConfig::load(args) {
+    let (cfg, file) = match BrokerConfig::load(args) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("invalid configuration: {e:#}");
@@ -66,13 +66,13 @@ pub fn main_with(cli: Cli) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    rt.block_on(serve(cfg))
+    rt.block_on(serve(cfg, file))
 }
 
 /// Binds the listeners, joins the cluster (peer listener first: the registry
 /// advertises its bound port), opens the API store, merges it with the config
 /// file and serves until shutdown. Configuration and store errors exit 64.
-async fn serve(cfg: BrokerConfig) -> ExitCode {
+async fn serve(cfg: BrokerConfig, file: config::file::FileConfig) -> ExitCode {
     let listeners = match server::Listeners::bind(&cfg).await {
         Ok(l) => l,
         Err(e) => {
@@ -112,7 +112,7 @@ async fn serve(cfg: BrokerConfig) -> ExitCode {
         }
     };
     let connections = match config::ConnectionSet::from_sources(
-        &cfg.file,
+        &file,
         cfg.base_dir.as_deref(),
         &store.snapshot().connections,
         &cfg.extra_ca_pem,
@@ -139,7 +139,7 @@ async fn serve(cfg: BrokerConfig) -> ExitCode {
         replica = cfg.cluster.as_ref().map(|c| c.replica_id.as_str()).unwrap_or("-"),
         "gitproxy-broker starting"
     );
-    let state = state::AppState::new(cfg, store, connections, cluster);
+    let state = state::AppState::new(cfg, file, store, connections, cluster);
     match server::run(state, listeners, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -1,5 +1,5 @@
-//! The broker's shared state: configuration, the live connection table
-//! (swapped whole on reload), the agent registry and the drain flag.
+//! The broker's shared state: the read-only settings, the live connection
+//! table (swapped whole on reload), the agent registry and the drain token.
 
 use crate::config::file::FileConfig;
 use crate::config::{BrokerConfig, ConnectionSet};
@@ -7,18 +7,17 @@ use crate::observe::Observer;
 use crate::store::Store;
 use crate::tunnel::Registry;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use tokio_util::sync::CancellationToken;
 
 /// Shared by every listener and task.
 pub struct AppState {
-    /// Static configuration (listeners, tuning).
+    /// Settings (listeners, tuning, policy): read-only after start.
     pub config: BrokerConfig,
     connections: RwLock<Arc<ConnectionSet>>,
     /// Connected agents.
     pub registry: Arc<Registry>,
-    draining: AtomicBool,
     /// Parent of every agent session's token: cancelling it ends all streams.
     pub shutdown_children: CancellationToken,
     in_flight: Mutex<HashMap<String, Arc<AtomicUsize>>>,
@@ -30,9 +29,14 @@ pub struct AppState {
     file: Mutex<FileConfig>,
     /// Serialises changes of the connection table (file reloads, API writes).
     pub write_lock: tokio::sync::Mutex<()>,
-    /// Cancelled when shutdown begins (ends `WatchTunnel` streams, which
-    /// would otherwise hold the api listener's graceful drain).
-    pub drain_started: CancellationToken,
+    /// The broker's one "draining" state: cancelled when shutdown begins.
+    /// `/readyz` fails, new agent streams are refused, every agent is asked
+    /// to drain and `WatchTunnel` streams end (they would otherwise hold the
+    /// api listener's graceful drain). An agent stream's own draining flag
+    /// (`AgentSession::is_draining`) is another thing: one stream asked to
+    /// drain (max connection age, or the agent's own restart) while the
+    /// broker keeps serving.
+    pub draining: CancellationToken,
     /// Cluster mode (several replicas on Redis); `None`: one process.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
@@ -41,23 +45,23 @@ impl AppState {
     /// State for `config`, the opened store and the merged table.
     pub fn new(
         config: BrokerConfig,
+        file: FileConfig,
         store: Store,
         connections: ConnectionSet,
         cluster: Option<Arc<crate::cluster::Cluster>>,
     ) -> Arc<Self> {
-        let file = Mutex::new(config.file.clone());
+        let file = Mutex::new(file);
         Arc::new(AppState {
             config,
             connections: RwLock::new(Arc::new(connections)),
             registry: Arc::new(Registry::default()),
-            draining: AtomicBool::new(false),
             shutdown_children: CancellationToken::new(),
             in_flight: Mutex::new(HashMap::new()),
             store,
             observer: Arc::new(Observer::new()),
             file,
             write_lock: tokio::sync::Mutex::new(()),
-            drain_started: CancellationToken::new(),
+            draining: CancellationToken::new(),
             cluster,
         })
     }
@@ -97,13 +101,12 @@ impl AppState {
 
     /// True once shutdown began (`/readyz` fails, agents are drained).
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::SeqCst)
+        self.draining.is_cancelled()
     }
 
     /// Starts draining: readiness goes false and every agent is asked to drain.
     pub fn begin_drain(&self) {
-        self.draining.store(true, Ordering::SeqCst);
-        self.drain_started.cancel();
+        self.draining.cancel();
         for s in self.registry.all() {
             s.drain("broker shutting down");
         }

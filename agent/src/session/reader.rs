@@ -10,7 +10,7 @@
 //! the supervisor reconnects.
 
 use super::shared::{Inflight, Shared};
-use crate::metrics::Outcome;
+use crate::record::RequestRecord;
 use crate::request;
 use gitproxy_proto::v1::{broker_message::Msg as In, BrokerMessage, Cancel, RequestHead};
 use gitproxy_shared::errors::{ErrorCode, GitproxyError};
@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn, Instrument};
+use tracing::{debug, Instrument};
 
 /// What the dispatcher decided about the stream.
 #[derive(Debug, PartialEq, Eq)]
@@ -212,12 +212,8 @@ impl Reader {
         );
         if let Err(reason) = self.shared.cfg.policy.check(&h.method, &h.path) {
             let reason = sanitize::text(&reason, sanitize::MAX_REASON_BYTES);
-            warn!(request_id = id, method = %method, path = %path, error = "blocked_by_policy", "refused by policy: {reason}");
-            self.shared.metrics.request_finished(
-                Outcome::Status(ErrorCode::BlockedByPolicy.http_status()),
-                Some(ErrorCode::BlockedByPolicy.as_str()),
-                0,
-            );
+            RequestRecord::new(id, method.into(), path.into())
+                .refused(&self.shared.metrics, &reason);
             self.shared.reply_error(
                 id,
                 &GitproxyError::new(

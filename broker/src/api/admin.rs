@@ -110,7 +110,7 @@ impl Admin for AdminService {
         // returns is missed. A watcher slower than the traffic lags: it
         // loses the oldest events (a warning is logged), traffic never waits.
         let rx = self.state.observer.subscribe();
-        let stop = self.state.drain_started.clone();
+        let stop = self.state.draining.clone();
         let stream = futures::stream::unfold(rx, move |mut rx| {
             let id = id.clone();
             let stop = stop.clone();

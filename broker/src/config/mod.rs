@@ -73,11 +73,6 @@ pub struct BrokerConfig {
     pub data_dir: Option<PathBuf>,
     /// The TOML file, reloaded on SIGHUP.
     pub config_file: Option<PathBuf>,
-    /// Connections and API keys of the file alone (validated).
-    pub connections: ConnectionSet,
-    /// The file as last read (merged with the API store at start and on
-    /// every change).
-    pub file: file::FileConfig,
     /// The file's directory (resolves relative `token_file`s).
     pub base_dir: Option<PathBuf>,
     /// Tunnel tuning.
@@ -86,7 +81,9 @@ pub struct BrokerConfig {
     pub shutdown_grace: Duration,
     /// Timeouts and connection caps of the listeners.
     pub listeners: ListenerSettings,
-    /// The broker's early policy check (the agent's holds regardless).
+    /// The broker's early policy check (the agent's holds regardless):
+    /// the built-in rules plus `--allow-path-prefix`. Fixed for the life of
+    /// the process; the front door reads it from here on every request.
     pub policy: Policy,
     /// Extra CAs (PEM) for direct-mode GitLabs.
     pub extra_ca_pem: Vec<u8>,
@@ -99,8 +96,10 @@ pub struct BrokerConfig {
 }
 
 impl BrokerConfig {
-    /// Merges flags over the file and validates everything.
-    pub fn load(a: ServeArgs) -> anyhow::Result<Self> {
+    /// Merges flags over the file and validates everything. Returns the
+    /// settings and the file as read at start: the file is state (reloaded
+    /// on SIGHUP, kept by `AppState`), the settings never change.
+    pub fn load(a: ServeArgs) -> anyhow::Result<(Self, file::FileConfig)> {
         let file = match &a.config {
             Some(p) => file::FileConfig::read(p)?,
             None => file::FileConfig::default(),
@@ -136,6 +135,8 @@ impl BrokerConfig {
         let extra_ca_pem = gitproxy_shared::tls::extra_ca_pem(a.ca_cert_file.as_deref(), None)?;
         let policy =
             Policy::with_extra_prefixes(a.allow_path_prefix.clone()).map_err(anyhow::Error::msg)?;
+        // Validated here so a bad file stops the start with exit 64; the
+        // table served is the file merged with the API store (`AppState`).
         let connections =
             ConnectionSet::from_file(&file, base_dir.as_deref(), &extra_ca_pem, &policy)?;
         if !api_listen.ip().is_loopback() && connections.api_keys_empty() {
@@ -187,7 +188,7 @@ impl BrokerConfig {
         if a.heartbeat_timeout < a.heartbeat_interval * 2 {
             bail!("--heartbeat-timeout must be at least twice --heartbeat-interval");
         }
-        Ok(BrokerConfig {
+        let config = BrokerConfig {
             gitlab_rate_limit_budget: a.gitlab_rate_limit_budget,
             agent_listen,
             api_listen,
@@ -195,8 +196,6 @@ impl BrokerConfig {
             api_tls,
             data_dir: a.data_dir.or(file.data_dir.clone()),
             config_file: a.config,
-            connections,
-            file,
             base_dir,
             tunnel: TunnelSettings {
                 heartbeat_interval: a.heartbeat_interval,
@@ -220,7 +219,8 @@ impl BrokerConfig {
             public_url,
             trusted_proxies,
             cluster,
-        })
+        };
+        Ok((config, file))
     }
 }
 

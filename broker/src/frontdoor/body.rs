@@ -1,10 +1,13 @@
 //! Bodies at the front door.
 //!
 //! [`Logged`] wraps a response body: it counts bytes, holds the request's
-//! guards (in-flight slot, tunnel request) until the body is done, and writes
-//! the request's one log line when dropped, saying whether the body completed.
+//! guards (in-flight slot, tunnel request) until the body is done, and when
+//! dropped finishes the request's record (`observe::record`): metrics,
+//! `WatchTunnel` event and the one log line, saying whether the body
+//! completed.
 //! [`SyncBody`] makes a caller's request body `Sync` for the HTTP client.
 
+use crate::observe::{Observer, RequestRecord};
 use crate::state::InFlightGuard;
 use crate::tunnel::session::RequestGuard;
 use bytes::Bytes;
@@ -13,50 +16,24 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
-use tracing::{info, warn};
 
 /// Boxed body error.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// What the request line says.
-pub struct RequestLog {
-    /// Connection id.
-    pub connection: String,
-    /// Tunnel request id (0 in direct mode).
-    pub request_id: u64,
-    /// HTTP method.
-    pub method: String,
-    /// Path without query.
-    pub path: String,
-    /// Status sent to the caller.
-    pub status: u16,
-    /// "agent" or "direct".
-    pub mode: &'static str,
-    /// Agent instance (agent mode).
-    pub agent: String,
-    /// Request body bytes forwarded.
+/// What a response body needs to finish the request's record.
+pub struct Finish {
+    /// The record, filled in up to the answer's head.
+    pub record: RequestRecord,
+    /// Request body bytes forwarded so far (counted by the request body).
     pub bytes_in: Arc<AtomicU64>,
-    /// When the request arrived.
-    pub started: Instant,
-    /// Where metrics and events go.
-    pub obs: Option<Obs>,
-}
-
-/// The request's link to metrics and the WatchTunnel feed.
-pub struct Obs {
-    /// The broker's observer.
-    pub observer: Arc<crate::observe::Observer>,
-    /// Sequence number given by `request_started`.
-    pub seq: u64,
-    /// When the request arrived.
-    pub started: Instant,
+    /// Where the record's metrics and event go.
+    pub observer: Arc<Observer>,
 }
 
 /// A response body that logs and releases its guards when done.
 pub struct Logged<B> {
     inner: B,
-    log: RequestLog,
+    finish: Finish,
     bytes_out: u64,
     expected: Option<u64>,
     complete: bool,
@@ -77,11 +54,11 @@ impl<B: Body> Logged<B> {
     /// Wraps `inner`; `guards` are dropped with the body. A body with a
     /// known length counts as complete once that many bytes went out (the
     /// server stops polling then).
-    pub fn new(inner: B, log: RequestLog, guards: Guards) -> Self {
+    pub fn new(inner: B, finish: Finish, guards: Guards) -> Self {
         let expected = inner.size_hint().exact();
         Logged {
             inner,
-            log,
+            finish,
             bytes_out: 0,
             expected,
             complete: false,
@@ -146,39 +123,27 @@ where
 
 impl<B> Drop for Logged<B> {
     fn drop(&mut self) {
-        let l = &self.log;
-        let duration_ms = l.started.elapsed().as_millis() as u64;
-        let bytes_in = l.bytes_in.load(Ordering::Relaxed);
         let complete = self.complete || self.expected == Some(self.bytes_out);
-        if let Some(o) = &l.obs {
-            o.observer.request_finished(crate::observe::Finished {
-                seq: o.seq,
-                connection: Some(l.connection.clone()),
-                mode: l.mode,
-                method: l.method.clone(),
-                path: l.path.clone(),
-                status: l.status,
-                bytes_in,
-                bytes_out: self.bytes_out,
-                duration: l.started.elapsed(),
-                // "aborted": the caller went away before the body was sent.
-                error: match (complete, self.error_code) {
-                    (true, _) => String::new(),
-                    (false, Some(c)) => c.to_string(),
-                    (false, None) => "aborted".to_string(),
-                },
-                tunnel_request_id: l.request_id,
-                agent: l.agent.clone(),
-            });
-        }
+        let r = &mut self.finish.record;
+        r.bytes_in = self.finish.bytes_in.load(Ordering::Relaxed);
+        r.bytes_out = self.bytes_out;
+        r.stop_clock();
+        // "aborted": the caller went away before the body was sent.
+        r.error = match (complete, self.error_code) {
+            (true, _) => "",
+            (false, Some(c)) => c,
+            (false, None) => "aborted",
+        };
+        self.finish.observer.request_finished(r);
         if complete {
             if let Some(g) = self.guards.request.as_mut() {
                 g.mark_complete();
             }
-            info!(connection = %l.connection, request_id = l.request_id, mode = l.mode, agent = %l.agent, method = %l.method, path = %l.path, status = l.status, bytes_in, bytes_out = self.bytes_out, duration_ms, "request");
+            r.log(None);
         } else {
-            let why = self.error.as_deref().unwrap_or("the caller went away");
-            warn!(connection = %l.connection, request_id = l.request_id, mode = l.mode, agent = %l.agent, method = %l.method, path = %l.path, status = l.status, bytes_in, bytes_out = self.bytes_out, duration_ms, "request aborted mid-body: {why}");
+            r.log(Some(
+                self.error.as_deref().unwrap_or("the caller went away"),
+            ));
         }
     }
 }

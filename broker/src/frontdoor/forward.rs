@@ -2,12 +2,13 @@
 //! directly, streaming both ways, and the answer rebuilt for the caller.
 //! Response bodies carry the body idle timeout (`gitproxy_shared::idle`).
 
-use super::body::{Guards, Logged, Obs, RequestLog, SyncBody};
+use super::body::{Finish, Guards, Logged, SyncBody};
 use super::credentials;
 use super::origin::{self, FrontBase};
 use super::rewrite::Rewriter;
 use super::target::Target;
 use crate::config::Connection;
+use crate::observe::RequestRecord;
 use crate::state::{AppState, InFlightGuard};
 use axum::body::Body;
 use gitproxy_proto::v1::{Header, RequestHead};
@@ -66,14 +67,14 @@ pub(super) fn respond<B>(
     status: u16,
     hdrs: HeaderMap,
     body: B,
-    log: RequestLog,
+    finish: Finish,
     guards: Guards,
 ) -> Response<Body>
 where
     B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
     B::Error: Into<super::body::BoxError>,
 {
-    let mut r = Response::new(Body::new(Logged::new(body, log, guards)));
+    let mut r = Response::new(Body::new(Logged::new(body, finish, guards)));
     *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
     *r.headers_mut() = hdrs;
     r
@@ -90,9 +91,8 @@ pub async fn via_agent(
     t: Target,
     req: Request<Body>,
     slot: InFlightGuard,
-    obs: Obs,
+    rec: &mut RequestRecord,
 ) -> Result<Response<Body>, GitproxyError> {
-    let started = obs.started;
     let (parts, body) = req.into_parts();
     let wire_headers = headers::request_to_wire(&parts.headers);
     let body = (!body.is_end_stream()).then_some(body);
@@ -149,17 +149,12 @@ pub async fn via_agent(
     };
     let (guard, bytes_in) = guard;
     let hdrs = answer_headers(&answer.headers, &rewriter(state, conn, &parts))?;
-    let log = RequestLog {
-        connection: conn.id.clone(),
-        request_id: guard.id(),
-        method: parts.method.to_string(),
-        path: t.path_only().to_string(),
-        status: answer.status,
-        mode: "agent",
-        agent: session_instance,
+    (rec.request_id, rec.mode, rec.agent) = (guard.id(), "agent", session_instance);
+    rec.status = answer.status;
+    let log = Finish {
+        record: rec.take(),
         bytes_in,
-        started,
-        obs: Some(obs),
+        observer: state.observer.clone(),
     };
     let guards = Guards {
         request: Some(guard),
@@ -193,9 +188,8 @@ pub async fn direct(
     t: Target,
     req: Request<Body>,
     slot: InFlightGuard,
-    obs: Obs,
+    rec: &mut RequestRecord,
 ) -> Result<Response<Body>, GitproxyError> {
-    let started = obs.started;
     let upstream = conn.upstream.as_ref().ok_or_else(|| {
         GitproxyError::new(ErrorCode::Internal, "direct connection without a client")
     })?;
@@ -237,17 +231,11 @@ pub async fn direct(
     let status = resp.status().as_u16();
     let wire = headers::response_to_wire(resp.headers());
     let hdrs = answer_headers(&wire, &rewriter(state, conn, &parts))?;
-    let log = RequestLog {
-        connection: conn.id.clone(),
-        request_id: 0,
-        method: parts.method.to_string(),
-        path: t.path_only().to_string(),
-        status,
-        mode: "direct",
-        agent: String::new(),
+    (rec.mode, rec.status) = ("direct", status);
+    let log = Finish {
+        record: rec.take(),
         bytes_in,
-        started,
-        obs: Some(obs),
+        observer: state.observer.clone(),
     };
     let idle = state.config.tunnel.body_idle_timeout;
     Ok(respond(

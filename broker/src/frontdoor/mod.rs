@@ -8,8 +8,9 @@
 //! - [`forward`]: delivery, through an agent or directly, streaming both ways.
 //! - [`route`]: cluster mode: a local agent, or the replica holding one;
 //!   [`remote`]: forwarding a request to that replica.
-//! - [`body`]: bodies that count bytes, log the request line and hold the
-//!   request's guards until the answer is fully sent.
+//! - [`body`]: bodies that count bytes, finish the request's record (log
+//!   line, metrics, event: `observe::record`) and hold the request's guards
+//!   until the answer is fully sent.
 //! - [`respond`]: gitproxy's own error answers.
 
 pub mod body;
@@ -24,6 +25,7 @@ pub mod route;
 pub mod target;
 
 use crate::config::Mode;
+use crate::observe::RequestRecord;
 use crate::state::AppState;
 use axum::body::Body;
 use axum::extract::State;
@@ -50,14 +52,6 @@ pub async fn handle(State(state): State<Arc<AppState>>, req: Request<Body>) -> R
     r
 }
 
-/// What is known of a request when gitproxy answers it with an error.
-#[derive(Default)]
-struct Seen {
-    connection: Option<String>,
-    seq: u64,
-    path: String,
-}
-
 /// Serves one front-door request; `internal` requests (made by the broker
 /// itself: Test Connection, catalogue, merge requests) skip the caller's API
 /// key check, and take every other step real requests take. Errors made by
@@ -67,27 +61,15 @@ pub async fn serve(
     req: Request<Body>,
     internal: bool,
 ) -> Result<Response<Body>, GitproxyError> {
-    let started = std::time::Instant::now();
-    let method = req.method().to_string();
-    let mut seen = Seen::default();
-    let r = forward_request(state, req, internal, started, &mut seen).await;
-    if let Err(e) = &r {
-        if let Some(conn) = seen.connection {
-            state.observer.request_finished(crate::observe::Finished {
-                seq: seen.seq,
-                connection: Some(conn),
-                mode: "",
-                method,
-                path: seen.path,
-                status: e.error.http_status(),
-                bytes_in: 0,
-                bytes_out: 0,
-                duration: started.elapsed(),
-                error: e.error.as_str().to_string(),
-                tunnel_request_id: 0,
-                agent: String::new(),
-            });
-        }
+    // The request's record once its connection is known; a delivered
+    // answer takes it into its body (`body::Logged`).
+    let mut rec = None;
+    let r = forward_request(state, req, internal, &mut rec).await;
+    if let (Err(e), Some(mut rec)) = (&r, rec) {
+        rec.status = e.error.http_status();
+        rec.error = e.error.as_str();
+        rec.stop_clock();
+        state.observer.request_finished(&rec);
     }
     r
 }
@@ -96,9 +78,9 @@ async fn forward_request(
     state: &Arc<AppState>,
     mut req: Request<Body>,
     internal: bool,
-    started: std::time::Instant,
-    seen: &mut Seen,
+    rec: &mut Option<RequestRecord>,
 ) -> Result<Response<Body>, GitproxyError> {
+    let started = std::time::Instant::now();
     let conns = state.connections();
     // A request another replica forwarded: that replica checked the
     // caller's key (the peer listener checked the replica's secret).
@@ -121,11 +103,15 @@ async fn forward_request(
             format!("no connection named {:?}", t.connection),
         )
     })?;
-    seen.path = t.path_only().to_string();
-    seen.seq = state
+    let rec = rec.insert(RequestRecord::new(
+        conn.id.clone(),
+        req.method().to_string(),
+        t.path_only().to_string(),
+        started,
+    ));
+    rec.seq = state
         .observer
-        .request_started(&conn.id, req.method().as_str(), &seen.path);
-    seen.connection = Some(conn.id.clone());
+        .request_started(&conn.id, &rec.method, &rec.path);
     if from_peer.is_some() {
         state.observer.forwarded(&conn.id, "in");
     }
@@ -161,20 +147,15 @@ async fn forward_request(
     };
     parts.extensions.insert(origin::FrontBase(base));
     let req = Request::from_parts(parts, req_body);
-    let obs = body::Obs {
-        observer: state.observer.clone(),
-        seq: seen.seq,
-        started,
-    };
     match conn.mode {
         // Cluster mode: the agent may be held by another replica; a request
         // forwarded here is served here.
         Mode::Agent => match (&state.cluster, &from_peer) {
             (Some(cluster), None) => {
-                route::via_cluster(state, cluster, &conn, t, req, slot, obs).await
+                route::via_cluster(state, cluster, &conn, t, req, slot, rec).await
             }
-            _ => forward::via_agent(state, &conn, t, req, slot, obs).await,
+            _ => forward::via_agent(state, &conn, t, req, slot, rec).await,
         },
-        Mode::Direct => forward::direct(state, &conn, t, req, slot, obs).await,
+        Mode::Direct => forward::direct(state, &conn, t, req, slot, rec).await,
     }
 }

@@ -20,7 +20,7 @@
 //! - the peer dies mid-body: the caller's body is cut with an error
 //!   (`agent_disconnected`), never ended cleanly.
 
-use super::body::{BoxError, Guards, Obs, RequestLog};
+use super::body::{BoxError, Finish, Guards};
 use super::forward::{self, content_length, is_idempotent};
 use super::origin::{self, FrontBase};
 use super::target::Target;
@@ -30,6 +30,7 @@ use crate::cluster::peer::{BASE_HEADER, MAX_ERROR_BODY, REPLAY_BYTES, REPLICA_HE
 use crate::cluster::registry::RemoteAgent;
 use crate::cluster::Cluster;
 use crate::config::Connection;
+use crate::observe::RequestRecord;
 use crate::state::{AppState, InFlightGuard};
 use axum::body::Body;
 use bytes::Bytes;
@@ -172,7 +173,7 @@ pub async fn forward(
     t: Target,
     req: Request<Body>,
     slot: InFlightGuard,
-    obs: Obs,
+    rec: &mut RequestRecord,
     candidates: Arc<[RemoteAgent]>,
 ) -> Result<Response<Body>, GitproxyError> {
     let (parts, body) = req.into_parts();
@@ -218,7 +219,7 @@ pub async fn forward(
                 *req.version_mut() = parts.version;
                 *req.headers_mut() = parts.headers.clone();
                 req.extensions_mut().insert(FrontBase(base.clone()));
-                return forward::via_agent(state, conn, t, req, slot, obs).await;
+                return forward::via_agent(state, conn, t, req, slot, rec).await;
             }
             candidates = match cluster.registry.lookup(&conn.id, true).await {
                 Ok(c) => c,
@@ -303,13 +304,10 @@ pub async fn forward(
         return Ok(answer(
             state,
             cluster,
-            conn,
-            &t,
-            &parts.method,
             resp,
             target.replica.clone(),
             slot,
-            obs,
+            rec,
             bytes_in,
         ));
     }
@@ -321,13 +319,10 @@ pub async fn forward(
 fn answer(
     state: &Arc<AppState>,
     cluster: &Cluster,
-    conn: &Connection,
-    t: &Target,
-    method: &http::Method,
     resp: Response<Incoming>,
     replica: String,
     slot: InFlightGuard,
-    obs: Obs,
+    rec: &mut RequestRecord,
     bytes_in: Arc<AtomicU64>,
 ) -> Response<Body> {
     let status = resp.status().as_u16();
@@ -348,17 +343,11 @@ fn answer(
         ))
     });
     let idle = state.config.tunnel.body_idle_timeout;
-    let log = RequestLog {
-        connection: conn.id.clone(),
-        request_id: 0,
-        method: method.to_string(),
-        path: t.path_only().to_string(),
-        status,
-        mode: "forwarded",
-        agent: replica,
+    (rec.mode, rec.agent, rec.status) = ("forwarded", replica, status);
+    let log = Finish {
+        record: rec.take(),
         bytes_in,
-        started: obs.started,
-        obs: Some(obs),
+        observer: state.observer.clone(),
     };
     forward::respond(
         status,

@@ -17,13 +17,13 @@
 //! A request another replica forwarded never comes here: it is served
 //! locally (`frontdoor::forward_request`).
 
-use super::body::Obs;
 use super::forward;
 use super::remote;
 use super::target::Target;
 use crate::cluster::registry::RegistryError;
 use crate::cluster::Cluster;
 use crate::config::Connection;
+use crate::observe::RequestRecord;
 use crate::state::{AppState, InFlightGuard};
 use axum::body::Body;
 use gitproxy_shared::errors::{ErrorCode, GitproxyError};
@@ -52,24 +52,24 @@ pub async fn via_cluster(
     t: Target,
     req: Request<Body>,
     slot: InFlightGuard,
-    obs: Obs,
+    rec: &mut RequestRecord,
 ) -> Result<Response<Body>, GitproxyError> {
     let (any_local, ready_local) = state.registry.local_state(&conn.id);
     if ready_local {
-        return forward::via_agent(state, conn, t, req, slot, obs).await;
+        return forward::via_agent(state, conn, t, req, slot, rec).await;
     }
     let remote = match cluster.registry.lookup(&conn.id, false).await {
         Ok(r) => r,
         Err(e) if any_local => {
             debug!(connection = %conn.id, "registry unreachable; serving on a draining local stream: {e}");
-            return forward::via_agent(state, conn, t, req, slot, obs).await;
+            return forward::via_agent(state, conn, t, req, slot, rec).await;
         }
         Err(e) => return Err(registry_unreachable(&conn.id, &e)),
     };
     let ready_remote = remote.iter().any(|a| !a.entry.draining);
     if remote.is_empty() || (any_local && !ready_remote) {
         // Local (draining) streams, or none anywhere (`agent_not_connected`).
-        return forward::via_agent(state, conn, t, req, slot, obs).await;
+        return forward::via_agent(state, conn, t, req, slot, rec).await;
     }
-    remote::forward(state, cluster, conn, t, req, slot, obs, remote).await
+    remote::forward(state, cluster, conn, t, req, slot, rec, remote).await
 }

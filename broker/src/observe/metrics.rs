@@ -13,6 +13,7 @@
 //! a second, short-lived registry, so they can never drift from the state
 //! they describe.
 
+use super::RequestRecord;
 use gitproxy_shared::errors::status_class;
 use prometheus_client::encoding::{text, EncodeLabelSet};
 use prometheus_client::metrics::counter::Counter;
@@ -23,7 +24,7 @@ use prometheus_client::registry::Registry;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Upper bounds (seconds) of the latency histogram's buckets.
 pub const LATENCY_BUCKETS: [f64; 14] = [
@@ -79,10 +80,9 @@ fn latency_histogram() -> Histogram {
 /// atomics only.
 #[derive(Clone)]
 pub struct ConnSeries {
-    /// Request body bytes forwarded to GitLab.
-    pub bytes_in: Counter,
-    /// Response body bytes sent to callers.
-    pub bytes_out: Counter,
+    /// The request record's counters, in the order of
+    /// [`RequestRecord::counters`] (request and response body bytes).
+    pub record: Vec<Counter>,
     /// Arrival to end of the response body.
     pub latency: Histogram,
     /// Agent streams accepted.
@@ -111,8 +111,8 @@ pub struct Metrics {
     requests: Family<StatusLabels, Counter>,
     errors: Family<CodeLabels, Counter>,
     forwarded: Family<DirectionLabels, Counter>,
-    bytes_in: ConnCounters,
-    bytes_out: ConnCounters,
+    /// The families of [`RequestRecord::counters`], in its order.
+    record: Vec<ConnCounters>,
     latency: LatencyFamily,
     agent_connects: ConnCounters,
     agent_disconnects: ConnCounters,
@@ -153,8 +153,10 @@ impl Metrics {
             requests: Family::default(),
             errors: Family::default(),
             forwarded: Family::default(),
-            bytes_in: Family::default(),
-            bytes_out: Family::default(),
+            record: RequestRecord::counters()
+                .iter()
+                .map(|_| Family::default())
+                .collect(),
             latency: Family::new_with_constructor(latency_histogram),
             agent_connects: Family::default(),
             agent_disconnects: Family::default(),
@@ -176,16 +178,9 @@ impl Metrics {
             "Answers made or cut by gitproxy, by connection and error code",
             self.errors.clone(),
         );
-        r.register(
-            "gitproxy_request_bytes",
-            "Request body bytes forwarded to GitLab",
-            self.bytes_in.clone(),
-        );
-        r.register(
-            "gitproxy_response_bytes",
-            "Response body bytes sent to callers",
-            self.bytes_out.clone(),
-        );
+        for ((name, help), family) in RequestRecord::counters().into_iter().zip(&self.record) {
+            r.register(name, help, family.clone());
+        }
         r.register(
             "gitproxy_request_duration_seconds",
             "Front-door request latency, arrival to end of the response body",
@@ -231,8 +226,11 @@ impl Metrics {
                     connection: conn.to_string(),
                 };
                 Arc::new(ConnSeries {
-                    bytes_in: self.bytes_in.get_or_create_owned(&l),
-                    bytes_out: self.bytes_out.get_or_create_owned(&l),
+                    record: self
+                        .record
+                        .iter()
+                        .map(|f| f.get_or_create_owned(&l))
+                        .collect(),
                     latency: self.latency.get_or_create_owned(&l),
                     agent_connects: self.agent_connects.get_or_create_owned(&l),
                     agent_disconnects: self.agent_disconnects.get_or_create_owned(&l),
@@ -242,34 +240,32 @@ impl Metrics {
             .clone()
     }
 
-    /// A front-door request of `conn` ended.
-    pub fn request_finished(
-        &self,
-        conn: &str,
-        status: u16,
-        error: &str,
-        bytes_in: u64,
-        bytes_out: u64,
-        duration: Duration,
-    ) {
+    /// A front-door request ended: its status class, error code, the
+    /// record's counters and its latency.
+    pub fn request_finished(&self, r: &RequestRecord) {
+        let conn = r.connection.as_str();
         self.requests
             .get_or_create(&StatusLabels {
                 connection: conn.to_string(),
-                status_class: status_class(status),
+                status_class: status_class(r.status),
             })
             .inc();
-        if !error.is_empty() {
+        if !r.error.is_empty() {
             self.errors
                 .get_or_create(&CodeLabels {
                     connection: conn.to_string(),
-                    code: error.to_string(),
+                    code: r.error.to_string(),
                 })
                 .inc();
         }
         let s = self.series(conn);
-        s.bytes_in.inc_by(bytes_in);
-        s.bytes_out.inc_by(bytes_out);
-        s.latency.observe(duration.as_secs_f64());
+        let mut counters = s.record.iter();
+        r.for_each_counter(|n| {
+            if let Some(c) = counters.next() {
+                c.inc_by(n);
+            }
+        });
+        s.latency.observe(r.started.elapsed().as_secs_f64());
     }
 
     /// Cluster mode: a request of `conn` went `"out"` to another replica

@@ -4,21 +4,24 @@
 //!
 //! Both are fed at the same two places: the front door (a request finished,
 //! in `frontdoor/body.rs`, or was refused/failed by gitproxy, in
-//! `frontdoor/mod.rs`) and the tunnel (an agent connected or went away, or
+//! `frontdoor/mod.rs`: both hand over the request's [`RequestRecord`],
+//! which also writes the request's log line) and the tunnel (an agent connected or went away, or
 //! broke the protocol: `tunnel/service.rs`, `tunnel/session.rs`). Recording
 //! never waits: metrics are atomics (see [`metrics`] for the locks a lookup
 //! takes), and events go into a bounded `broadcast` channel where a slow
 //! watcher loses the oldest events (it lags) instead of slowing traffic.
 
 pub mod metrics;
+pub mod record;
 
 pub use metrics::{Gauges, Metrics, LATENCY_BUCKETS};
+pub use record::RequestRecord;
 
 use gitproxy_proto::v1 as pb;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 use tokio::sync::broadcast;
 
 /// Events buffered per watcher before the slowest one starts losing some.
@@ -31,35 +34,6 @@ pub struct Event {
     pub connection: String,
     /// The wire form.
     pub event: pb::TunnelEvent,
-}
-
-/// How a front-door request ended, for metrics and events.
-#[derive(Debug, Clone)]
-pub struct Finished {
-    /// Broker-wide sequence number of the request (also in `RequestStarted`).
-    pub seq: u64,
-    /// Connection id (`None` when the connection is unknown).
-    pub connection: Option<String>,
-    /// "agent" or "direct" ("" when it never got that far).
-    pub mode: &'static str,
-    /// Method.
-    pub method: String,
-    /// Path without query.
-    pub path: String,
-    /// Status sent to the caller.
-    pub status: u16,
-    /// Request body bytes forwarded.
-    pub bytes_in: u64,
-    /// Response body bytes sent.
-    pub bytes_out: u64,
-    /// Time from arrival to the end of the response body.
-    pub duration: Duration,
-    /// gitproxy's error code when gitproxy made or cut the answer.
-    pub error: String,
-    /// The tunnel request id (agent mode).
-    pub tunnel_request_id: u64,
-    /// The agent instance (agent mode).
-    pub agent: String,
 }
 
 /// Metrics and events.
@@ -120,36 +94,16 @@ impl Observer {
         seq
     }
 
-    /// A front-door request ended (answered by GitLab or by gitproxy).
-    pub fn request_finished(&self, f: Finished) {
-        // Unknown connection ids come from callers: never make them labels.
-        let Some(conn) = f.connection.as_deref() else {
-            return;
-        };
-        self.metrics.request_finished(
-            conn,
-            f.status,
-            &f.error,
-            f.bytes_in,
-            f.bytes_out,
-            f.duration,
-        );
-        self.emit(
-            conn,
-            pb::tunnel_event::Event::RequestFinished(pb::RequestFinished {
-                request_id: f.seq,
-                method: f.method,
-                path: f.path,
-                status: f.status as u32,
-                bytes_in: f.bytes_in,
-                bytes_out: f.bytes_out,
-                duration_ms: f.duration.as_millis() as u64,
-                error: f.error,
-                tunnel_request_id: f.tunnel_request_id,
-                mode: f.mode.to_string(),
-                agent: f.agent,
-            }),
-        );
+    /// A front-door request ended (answered by GitLab or by gitproxy):
+    /// its metrics, and its event when someone watches.
+    pub fn request_finished(&self, r: &RequestRecord) {
+        self.metrics.request_finished(r);
+        if self.events.receiver_count() > 0 {
+            self.emit(
+                &r.connection,
+                pb::tunnel_event::Event::RequestFinished(r.event()),
+            );
+        }
     }
 
     /// An agent stream was accepted for `connection`.
@@ -211,20 +165,15 @@ mod tests {
         let o = Observer::new();
         let mut rx = o.subscribe();
         let seq = o.request_started("acme", "GET", "/api/v4/version");
-        o.request_finished(Finished {
-            seq,
-            connection: Some("acme".into()),
-            mode: "agent",
-            method: "GET".into(),
-            path: "/api/v4/version".into(),
-            status: 200,
-            bytes_in: 0,
-            bytes_out: 48,
-            duration: Duration::from_millis(3),
-            error: String::new(),
-            tunnel_request_id: 1,
-            agent: "a".into(),
-        });
+        let mut r = RequestRecord::new(
+            "acme".into(),
+            "GET".into(),
+            "/api/v4/version".into(),
+            std::time::Instant::now(),
+        );
+        (r.seq, r.mode, r.agent, r.status, r.bytes_out) = (seq, "agent", "a".into(), 200, 48);
+        (r.request_id, r.duration_ms) = (1, 3);
+        o.request_finished(&r);
         o.agent_connected("acme", "a", "0.1.0");
         o.protocol_violation("acme");
         o.protocol_violation("acme");
