@@ -1,0 +1,161 @@
+//! The console's files, embedded at build time, and their answers.
+//!
+//! Every answer carries a Content-Security-Policy that lets the page load
+//! and call nothing but the broker itself (`default-src 'self'`, no inline
+//! script or style), plus `nosniff` and no referrer. `Cache-Control:
+//! no-cache` makes a browser revalidate after a broker upgrade instead of
+//! mixing old and new files.
+
+use axum::body::Body;
+use axum::extract::Path;
+use http::{header, HeaderValue, Response, StatusCode};
+
+/// The policy of every console answer.
+pub const CSP: &str = "default-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'; object-src 'none'";
+
+/// One embedded file.
+#[derive(Debug, Clone, Copy)]
+pub struct Asset {
+    /// Path under `/ui/`.
+    pub path: &'static str,
+    /// Content type.
+    pub content_type: &'static str,
+    /// The bytes.
+    pub body: &'static str,
+}
+
+/// Every file the console serves. The troubleshooting guide is served too,
+/// so Test Connection's hints link to its sections.
+pub const ASSETS: &[Asset] = &[
+    Asset {
+        path: "index.html",
+        content_type: "text/html; charset=utf-8",
+        body: include_str!("../../console/index.html"),
+    },
+    Asset {
+        path: "app.js",
+        content_type: "text/javascript; charset=utf-8",
+        body: include_str!("../../console/app.js"),
+    },
+    Asset {
+        path: "app.css",
+        content_type: "text/css; charset=utf-8",
+        body: include_str!("../../console/app.css"),
+    },
+    Asset {
+        path: "favicon.svg",
+        content_type: "image/svg+xml",
+        body: include_str!("../../console/favicon.svg"),
+    },
+    Asset {
+        path: "docs/troubleshooting.md",
+        content_type: "text/markdown; charset=utf-8",
+        body: include_str!("../../../docs/troubleshooting.md"),
+    },
+];
+
+/// Bytes the console adds to the binary.
+pub fn total_bytes() -> usize {
+    ASSETS.iter().map(|a| a.body.len()).sum()
+}
+
+/// The file at `path` (under `/ui/`).
+pub fn find(path: &str) -> Option<&'static Asset> {
+    ASSETS.iter().find(|a| a.path == path)
+}
+
+fn secured(mut r: Response<Body>) -> Response<Body> {
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
+}
+
+fn serve(a: &Asset) -> Response<Body> {
+    let mut r = Response::new(Body::from(a.body));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(a.content_type),
+    );
+    secured(r)
+}
+
+/// `GET /ui`: to `/ui/`, so relative asset paths resolve.
+pub async fn redirect() -> Response<Body> {
+    let mut r = Response::new(Body::empty());
+    *r.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    r.headers_mut()
+        .insert(header::LOCATION, HeaderValue::from_static("/ui/"));
+    r
+}
+
+/// `GET /ui/`: the page.
+pub async fn index() -> Response<Body> {
+    match find("index.html") {
+        Some(a) => serve(a),
+        None => not_found(),
+    }
+}
+
+/// `GET /ui/{path}`: a file, or 404.
+pub async fn file(Path(path): Path<String>) -> Response<Body> {
+    match find(&path) {
+        Some(a) => serve(a),
+        None => not_found(),
+    }
+}
+
+fn not_found() -> Response<Body> {
+    let mut r = Response::new(Body::from("not found\n"));
+    *r.status_mut() = StatusCode::NOT_FOUND;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    secured(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_console_adds_less_than_300_kib() {
+        let n = total_bytes();
+        assert!(n < 300 * 1024, "console assets are {n} bytes");
+    }
+
+    #[test]
+    fn the_page_names_only_embedded_files_and_nothing_inline() {
+        let html = find("index.html").expect("index").body;
+        for a in ["app.js", "app.css", "favicon.svg"] {
+            assert!(html.contains(a), "index.html loads {a}");
+            assert!(find(a).is_some());
+        }
+        // The policy forbids inline code: the page must not depend on it.
+        assert!(!html.contains("<script>"), "no inline script");
+        assert!(!html.contains("style="), "no inline style");
+        assert!(!html.contains("src=\"http") && !html.contains("href=\"http"));
+    }
+
+    #[tokio::test]
+    async fn unknown_files_are_404_with_the_policy() {
+        let r = file(Path("../Cargo.toml".into())).await;
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        assert_eq!(r.headers()[header::CONTENT_SECURITY_POLICY], CSP);
+        let r = index().await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()[header::CONTENT_SECURITY_POLICY], CSP);
+    }
+}
