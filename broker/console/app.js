@@ -670,15 +670,18 @@ function slug(text) {
 
 function inline(text) {
   const out = [];
-  const re = /`([^`]+)`|\*\*([^*]+)\*\*|\[([^\]]+)\]\(([^)]+)\)/g;
+  const re = /`([^`]+)`|\*\*([^*]+)\*\*|\*([^*\s][^*]*)\*|\[([^\]]+)\]\(([^)]+)\)/g;
   let last = 0, m;
   while ((m = re.exec(text))) {
     if (m.index > last) out.push(text.slice(last, m.index));
     if (m[1] !== undefined) out.push(el("code", { text: m[1] }));
-    else if (m[2] !== undefined) out.push(el("strong", { text: m[2] }));
+    else if (m[2] !== undefined) out.push(el("strong", {}, inline(m[2])));
+    else if (m[3] !== undefined) out.push(el("em", {}, inline(m[3])));
     else {
-      const href = m[4].startsWith("#") ? "#docs/" + m[4].slice(1) : null;
-      out.push(href ? el("a", { href, text: m[3].replace(/`/g, "") }) : el("span", { text: m[3] }));
+      // Links within the guide stay in the page; others become plain text.
+      const [label, target] = [m[4], m[5]];
+      const href = target.startsWith("#") ? "#docs/" + target.slice(1) : null;
+      out.push(href ? el("a", { href, text: label.replace(/`/g, "") }) : el("span", { text: label }));
     }
     last = re.lastIndex;
   }

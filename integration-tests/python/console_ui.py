@@ -230,6 +230,11 @@ try:
     until("the edit form", lambda d: visible("#conn-form-panel"))
     assert find("#f-id").get_attribute("readonly") is not None
     assert find("#f-token").get_attribute("value") == "", "the token is write-only"
+    # Turning Route via Proxy off says what happens to the connected agents.
+    find("#f-proxy").click()
+    assert "disconnects the agents" in text("#f-proxy-help"), text("#f-proxy-help")
+    find("#f-proxy").click()
+    assert find("#f-proxy").is_selected()
     fill("#f-token", token2)
     find("#conn-save").click()
     until("the form to close", lambda d: not visible("#conn-form-panel"))

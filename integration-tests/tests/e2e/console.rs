@@ -92,6 +92,23 @@ async fn operator_console_in_a_real_browser() {
         .await
         .expect("GET /v1/events");
     assert_eq!(r.status(), 401);
+    // With the key: an event stream that opens with `hello`.
+    let mut r = client()
+        .get(format!("{}/v1/events", b.api()))
+        .header("x-gitproxy-key", API_KEY)
+        .send()
+        .await
+        .expect("GET /v1/events");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let first = tokio::time::timeout(WAIT, r.chunk())
+        .await
+        .expect("the first frame")
+        .expect("read")
+        .expect("a frame");
+    let first = String::from_utf8_lossy(&first);
+    assert!(first.contains("event: hello\n"), "{first}");
+    drop(r);
 
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("python")
