@@ -301,7 +301,18 @@ try:
     severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE" and "Content Security Policy" in e["message"]]
     assert not severe, "CSP violations: %s" % severe
 
-    # 14. The broker stops: a clear disconnected state, the page stays.
+    # 14. A key the broker refuses later (rotated away): signed out with a clear message.
+    driver.execute_script("sessionStorage.setItem('gitproxy.apiKey', 'testpat-stale-api-key')")
+    driver.refresh()
+    until("the signed-out message", lambda d: visible("#signin-key") and "refused" in text("#signin-error"))
+    assert driver.execute_script("return sessionStorage.getItem('gitproxy.apiKey')") is None
+    shot("stale-key")
+    fill("#signin-key", api_key)
+    find("#signin-form button[type=submit]").click()
+    until("the acme row again", lambda d: visible("#conn-table") and
+          driver.find_elements(By.CSS_SELECTOR, '#conn-table tr[data-id="acme"]'))
+
+    # 15. The broker stops: a clear disconnected state, the page stays.
     need("stop-broker")
     until("the disconnected banner", lambda d: visible("#banner") and "Disconnected" in text("#banner"), timeout=10)
     assert driver.find_element(By.TAG_NAME, "body").get_attribute("data-link") == "down"

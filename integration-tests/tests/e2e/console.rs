@@ -216,7 +216,7 @@ async fn operator_console_in_a_real_browser() {
     let result = result.expect("console_ui.py printed its RESULT");
     println!("console result: {result:#}");
     let shots_taken = std::fs::read_dir(&shots).expect("screenshots").count();
-    assert!(shots_taken >= 15, "{shots_taken} screenshots");
+    assert!(shots_taken >= 17, "{shots_taken} screenshots");
     // The first load asked the broker for the page, its script and style only.
     let first: Vec<&str> = result["first_load_requests"]
         .as_array()
