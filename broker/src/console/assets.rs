@@ -149,6 +149,48 @@ mod tests {
         assert!(!html.contains("src=\"http") && !html.contains("href=\"http"));
     }
 
+    /// GitHub's heading anchors, as the page computes them (`slug` in app.js).
+    fn slug(heading: &str) -> String {
+        heading
+            .to_lowercase()
+            .chars()
+            .filter(|c| c.is_alphanumeric() || matches!(c, ' ' | '_' | '-'))
+            .map(|c| if c == ' ' { '-' } else { c })
+            .collect()
+    }
+
+    #[test]
+    fn every_check_links_to_a_section_of_the_guide() {
+        let guide = find("docs/troubleshooting.md").expect("guide").body;
+        let anchors: Vec<String> = guide
+            .lines()
+            .filter_map(|l| {
+                l.trim_start_matches('#')
+                    .strip_prefix(' ')
+                    .filter(|_| l.starts_with('#'))
+            })
+            .map(slug)
+            .collect();
+        let js = find("app.js").expect("app.js").body;
+        let map = js
+            .split("const CHECK_DOCS = {")
+            .nth(1)
+            .and_then(|r| r.split("};").next())
+            .expect("CHECK_DOCS in app.js");
+        let mut checks = 0;
+        for line in map.lines().filter(|l| l.contains(':')) {
+            let (check, anchor) = line.split_once(':').expect("check: anchor");
+            let anchor = anchor.trim().trim_end_matches(',').trim_matches('"');
+            assert!(
+                anchors.iter().any(|a| a == anchor),
+                "{}: no section #{anchor} in docs/troubleshooting.md",
+                check.trim()
+            );
+            checks += 1;
+        }
+        assert_eq!(checks, 6, "one link per Test Connection check");
+    }
+
     #[tokio::test]
     async fn unknown_files_are_404_with_the_policy() {
         let r = file(Path("../Cargo.toml".into())).await;
