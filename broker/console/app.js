@@ -224,6 +224,7 @@ async function refreshConnections() {
 
 function agentList(c) {
   if (c.mode !== "agent") return "—";
+  if (!c.has_access_key) return el("span", { class: "note", text: "no accessKey yet: use Agent install" });
   if (!c.agents.length) return el("span", { class: "note", text: "none connected" });
   return el("ul", { class: "agents" }, c.agents.map((a) =>
     el("li", { class: "agent", "data-instance": a.instance },

@@ -165,6 +165,7 @@ try:
     until("the acme row", lambda d: driver.find_elements(By.CSS_SELECTOR, '#conn-table tr[data-id="acme"]'))
     assert text('#conn-table tr[data-id="acme"] .mode') == "via agent"
     assert text('#conn-table tr[data-id="acme"] .status').upper() == "DISCONNECTED"
+    assert "no accessKey yet" in text('#conn-table tr[data-id="acme"] .agents-cell')
 
     # 5. Agent install: saving an agent-mode connection without a key opens the panel.
     until("the agent install panel", lambda d: visible("#key-panel"))
