@@ -326,6 +326,11 @@ except (AssertionError, WebDriverException) as e:
         driver.save_screenshot(os.path.join(shots, "fail-%02d.png" % (step_no + 1)))
     except WebDriverException:
         pass
+    try:
+        for entry in driver.get_log("browser"):
+            print("browser:", entry["level"], entry["message"][:500], file=sys.stderr)
+    except WebDriverException:
+        pass
     say("FAILED", repr(e)[:2000])
     raise
 finally:

@@ -24,29 +24,37 @@ pub struct Asset {
     pub body: &'static str,
 }
 
-/// Every file the console serves. The troubleshooting guide is served too,
-/// so Test Connection's hints link to its sections.
+const JS: &str = "text/javascript; charset=utf-8";
+
+/// An embedded file of `broker/console/`.
+macro_rules! asset {
+    ($path:literal, $content_type:expr) => {
+        Asset {
+            path: $path,
+            content_type: $content_type,
+            body: include_str!(concat!("../../console/", $path)),
+        }
+    };
+}
+
+/// Every file the console serves: the page, its style, its script as ES
+/// modules (one per part of the page; `app.js` loads the others). The
+/// troubleshooting guide is served too, so Test Connection's hints link to
+/// its sections.
 pub const ASSETS: &[Asset] = &[
-    Asset {
-        path: "index.html",
-        content_type: "text/html; charset=utf-8",
-        body: include_str!("../../console/index.html"),
-    },
-    Asset {
-        path: "app.js",
-        content_type: "text/javascript; charset=utf-8",
-        body: include_str!("../../console/app.js"),
-    },
-    Asset {
-        path: "app.css",
-        content_type: "text/css; charset=utf-8",
-        body: include_str!("../../console/app.css"),
-    },
-    Asset {
-        path: "favicon.svg",
-        content_type: "image/svg+xml",
-        body: include_str!("../../console/favicon.svg"),
-    },
+    asset!("index.html", "text/html; charset=utf-8"),
+    asset!("app.css", "text/css; charset=utf-8"),
+    asset!("favicon.svg", "image/svg+xml"),
+    asset!("app.js", JS),
+    asset!("dom.js", JS),
+    asset!("api.js", JS),
+    asset!("connections.js", JS),
+    asset!("install.js", JS),
+    asset!("checks.js", JS),
+    asset!("projects.js", JS),
+    asset!("merge-requests.js", JS),
+    asset!("live.js", JS),
+    asset!("guide.js", JS),
     Asset {
         path: "docs/troubleshooting.md",
         content_type: "text/markdown; charset=utf-8",
@@ -137,6 +145,35 @@ mod tests {
     }
 
     #[test]
+    fn every_module_import_is_embedded() {
+        let mut imports = 0;
+        for a in ASSETS.iter().filter(|a| a.path.ends_with(".js")) {
+            for part in a.body.split(" from \"./").skip(1) {
+                let name = part.split('"').next().unwrap_or_default();
+                assert!(
+                    find(name).is_some(),
+                    "{} imports {name}: not embedded",
+                    a.path
+                );
+                imports += 1;
+            }
+        }
+        assert!(imports > 10, "{imports} imports found");
+        // And every embedded module is imported somewhere (or is the entry).
+        for a in ASSETS
+            .iter()
+            .filter(|a| a.path.ends_with(".js") && a.path != "app.js")
+        {
+            let wanted = format!(" from \"./{}\"", a.path);
+            assert!(
+                ASSETS.iter().any(|b| b.body.contains(&wanted)),
+                "{} is never imported",
+                a.path
+            );
+        }
+    }
+
+    #[test]
     fn the_page_names_only_embedded_files_and_nothing_inline() {
         let html = find("index.html").expect("index").body;
         for a in ["app.js", "app.css", "favicon.svg"] {
@@ -149,7 +186,7 @@ mod tests {
         assert!(!html.contains("src=\"http") && !html.contains("href=\"http"));
     }
 
-    /// GitHub's heading anchors, as the page computes them (`slug` in app.js).
+    /// GitHub's heading anchors, as the page computes them (`slug` in guide.js).
     fn slug(heading: &str) -> String {
         heading
             .to_lowercase()
@@ -171,12 +208,12 @@ mod tests {
             })
             .map(slug)
             .collect();
-        let js = find("app.js").expect("app.js").body;
+        let js = find("checks.js").expect("checks.js").body;
         let map = js
             .split("const CHECK_DOCS = {")
             .nth(1)
             .and_then(|r| r.split("};").next())
-            .expect("CHECK_DOCS in app.js");
+            .expect("CHECK_DOCS in checks.js");
         let mut checks = 0;
         for line in map.lines().filter(|l| l.contains(':')) {
             let (check, anchor) = line.split_once(':').expect("check: anchor");
