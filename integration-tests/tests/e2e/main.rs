@@ -11,6 +11,7 @@ mod cluster_forwarding;
 mod cluster_gitlab;
 mod cluster_rolling;
 mod cluster_store;
+mod console;
 mod control_plane;
 mod enterprise;
 mod faults;
