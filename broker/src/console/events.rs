@@ -56,7 +56,7 @@ pub async fn handle(
     }
     // Subscribed before answering: nothing after the answer is missed.
     let rx = state.observer.subscribe();
-    let stream = frames(rx, q.connection, state.drain_started.clone(), KEEPALIVE);
+    let stream = frames(rx, q.connection, state.draining.clone(), KEEPALIVE);
     let mut r = Response::new(Body::from_stream(stream));
     let h = r.headers_mut();
     h.insert(
