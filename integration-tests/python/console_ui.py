@@ -22,7 +22,12 @@ import sys
 import time
 
 from selenium import webdriver
-from selenium.common.exceptions import TimeoutException, WebDriverException
+from selenium.common.exceptions import (
+    NoSuchElementException,
+    StaleElementReferenceException,
+    TimeoutException,
+    WebDriverException,
+)
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -60,7 +65,12 @@ def shot(name):
 def until(what, cond, timeout=WAIT):
     """Waits for cond(driver) to be truthy; fails naming what was awaited."""
     try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: cond(d))
+        # The page re-renders tables as data arrives: an element read while it
+        # is replaced is stale, and the next poll reads the new one.
+        return WebDriverWait(
+            driver, timeout, poll_frequency=0.1,
+            ignored_exceptions=(StaleElementReferenceException, NoSuchElementException),
+        ).until(lambda d: cond(d))
     except TimeoutException:
         raise AssertionError("waited %ss for: %s" % (timeout, what))
 
@@ -70,6 +80,12 @@ def find(css):
 
 
 def text(css):
+    # Retried: the element may be replaced by a re-render between find and read.
+    for _ in range(50):
+        try:
+            return find(css).text
+        except StaleElementReferenceException:
+            continue
     return find(css).text
 
 
