@@ -19,10 +19,12 @@ fn acks_parse_strictly() {
 #[test]
 fn sealed_connections_hold_no_token_in_clear() {
     let key = StoreKey::new(&[3u8; 32]).unwrap();
+    // Made at run time: no token-shaped literal in the source.
+    let token = format!("testpat-in-clear-{:016x}", rand::random::<u64>());
     let c = StoredConnection {
         mode: Some("direct".into()),
         gitlab_url: Some("https://gitlab.example".into()),
-        token: Some(gitproxy_shared::Secret::new("glpat-in-clear")),
+        token: Some(gitproxy_shared::Secret::new(&token)),
         ..Default::default()
     };
     let sealed = key.seal_token("acme", c.token.as_ref().unwrap()).unwrap();
@@ -31,12 +33,12 @@ fn sealed_connections_hold_no_token_in_clear() {
         ..Default::default()
     };
     let json = serde_json::to_string(&s).unwrap();
-    assert!(!json.contains("glpat"), "{json}");
+    assert!(!json.contains("testpat"), "{json}");
     let back: SealedConnection = serde_json::from_str(&json).unwrap();
     assert_eq!(
         key.open_token("acme", back.token_sealed.as_deref().unwrap())
             .unwrap()
             .expose(),
-        "glpat-in-clear"
+        token
     );
 }
