@@ -53,7 +53,7 @@ pub fn main_with(cli: Cli) -> ExitCode {
         Some(Command::Serve(a)) => *a,
         None => cli.serve,
     };
-    gitproxy_shared::logging::init(args.log_format);
+    let _log = gitproxy_shared::logging::init(args.log_format);
     let (cfg, file) = match BrokerConfig::load(args) {
         Ok(c) => c,
         Err(e) => {
