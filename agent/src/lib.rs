@@ -42,6 +42,7 @@ pub fn main_with(cli: Cli) -> ExitCode {
     match cli.command.unwrap_or(Command::Run(Box::default())) {
         Command::Run(args) => {
             let _log = gitproxy_shared::logging::init(args.log_format);
+            let workers = args.worker_threads;
             let cfg = match config::AgentConfig::from_args(*args) {
                 Ok(c) => c,
                 Err(e) => {
@@ -49,7 +50,7 @@ pub fn main_with(cli: Cli) -> ExitCode {
                     return ExitCode::from(64);
                 }
             };
-            let rt = match tokio::runtime::Runtime::new() {
+            let rt = match gitproxy_shared::runtime::build(workers) {
                 Ok(rt) => rt,
                 Err(e) => {
                     tracing::error!("cannot start the runtime: {e}");
