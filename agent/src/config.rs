@@ -78,6 +78,11 @@ pub struct RunArgs {
     /// Log format: text or json.
     #[arg(long, env = "GITPROXY_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
+    /// Threads that serve requests (0 = one per CPU core). One carries the
+    /// agent's traffic at the least CPU per request; raise it only for
+    /// many large transfers at once.
+    #[arg(long, env = "GITPROXY_WORKER_THREADS", default_value_t = 1)]
+    pub worker_threads: usize,
     /// Where the running agent publishes its state for `gitproxy-agent health`.
     #[arg(
         long,

@@ -41,7 +41,8 @@ use std::process::ExitCode;
 pub fn main_with(cli: Cli) -> ExitCode {
     match cli.command.unwrap_or(Command::Run(Box::default())) {
         Command::Run(args) => {
-            gitproxy_shared::logging::init(args.log_format);
+            let _log = gitproxy_shared::logging::init(args.log_format);
+            let workers = args.worker_threads;
             let cfg = match config::AgentConfig::from_args(*args) {
                 Ok(c) => c,
                 Err(e) => {
@@ -49,7 +50,7 @@ pub fn main_with(cli: Cli) -> ExitCode {
                     return ExitCode::from(64);
                 }
             };
-            let rt = match tokio::runtime::Runtime::new() {
+            let rt = match gitproxy_shared::runtime::build(workers) {
                 Ok(rt) => rt,
                 Err(e) => {
                     tracing::error!("cannot start the runtime: {e}");
@@ -68,9 +69,9 @@ pub fn main_with(cli: Cli) -> ExitCode {
         Command::Health(args) => health::probe(&args.state_file, args.max_age, args.metrics),
         Command::Check(args) => {
             // Diagnostics print to stdout; logs only on request.
-            if std::env::var_os("RUST_LOG").is_some() {
-                gitproxy_shared::logging::init(args.log_format);
-            }
+            let _log = std::env::var_os("RUST_LOG")
+                .is_some()
+                .then(|| gitproxy_shared::logging::init(args.log_format));
             let cfg = match config::AgentConfig::from_args(*args) {
                 Ok(c) => c,
                 Err(e) => {

@@ -53,7 +53,8 @@ pub fn main_with(cli: Cli) -> ExitCode {
         Some(Command::Serve(a)) => *a,
         None => cli.serve,
     };
-    gitproxy_shared::logging::init(args.log_format);
+    let _log = gitproxy_shared::logging::init(args.log_format);
+    let workers = args.worker_threads;
     let (cfg, file) = match BrokerConfig::load(args) {
         Ok(c) => c,
         Err(e) => {
@@ -61,7 +62,7 @@ pub fn main_with(cli: Cli) -> ExitCode {
             return ExitCode::from(64);
         }
     };
-    let rt = match tokio::runtime::Runtime::new() {
+    let rt = match gitproxy_shared::runtime::build(workers) {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!("cannot start the runtime: {e}");

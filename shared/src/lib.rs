@@ -39,6 +39,7 @@ pub mod idle;
 pub mod log_limit;
 pub mod logging;
 pub mod policy;
+pub mod runtime;
 pub mod sanitize;
 pub mod scopes;
 pub mod secret;

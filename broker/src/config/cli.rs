@@ -62,6 +62,10 @@ pub struct ServeArgs {
     /// Log format: text or json.
     #[arg(long, env = "GITPROXY_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
+    /// Threads that serve requests (0 = one per CPU core the process may
+    /// use). Fewer threads spend less CPU per request; more use more cores.
+    #[arg(long, env = "GITPROXY_WORKER_THREADS", default_value_t = 0)]
+    pub worker_threads: usize,
     /// How often the broker pings each agent.
     #[arg(long, env = "GITPROXY_HEARTBEAT_INTERVAL", default_value = "15s", value_parser = humantime::parse_duration)]
     pub heartbeat_interval: Duration,

@@ -422,14 +422,17 @@ impl Env {
 
 /// Tuning variables passed on to the agents (the broker inherits this
 /// process's environment), for experiments: `GITPROXY_WINDOW_BYTES`,
-/// `GLIBC_TUNABLES` and `MALLOC_*`.
+/// `GLIBC_TUNABLES`, `MALLOC_*` and `TOKIO_WORKER_THREADS`.
 fn agent_env() -> Vec<(&'static str, &'static str)> {
     static VARS: std::sync::OnceLock<Vec<(&'static str, &'static str)>> =
         std::sync::OnceLock::new();
     VARS.get_or_init(|| {
         std::env::vars()
             .filter(|(k, _)| {
-                k == "GITPROXY_WINDOW_BYTES" || k == "GLIBC_TUNABLES" || k.starts_with("MALLOC_")
+                k == "GITPROXY_WINDOW_BYTES"
+                    || k == "GLIBC_TUNABLES"
+                    || k == "TOKIO_WORKER_THREADS"
+                    || k.starts_with("MALLOC_")
             })
             .map(|(k, v)| (&*k.leak(), &*v.leak()))
             .collect()
