@@ -327,7 +327,7 @@ fn machine(plan: &Plan, peer: Option<&str>) -> String {
         "harness client (reqwest, in process)".into()
     };
     let peer = peer
-        .map(|v| format!("| reference tunnel | {v} (TCP only, server + client on loopback) |\n"))
+        .map(|v| format!("| reference tunnel | {v}: TCP only, server + client on loopback |\n"))
         .unwrap_or_default();
     format!(
         "## Machine\n\n| | |\n|---|---|\n| CPU | {model} |\n| cores | {cores} |\n| memory | {mem} |\n| kernel | {kernel} |\n| load average at start | {} |\n| small-request load generator | {loadgen} |\n{peer}| mode | {} |\n\nAll processes on loopback: the upstream and the load/bulk clients run inside `gitproxy-bench`, the broker and agent are the release binaries (`RUST_LOG=info`, JSON logs: one line per request on each side, as in production).\n",
@@ -484,6 +484,16 @@ impl Env {
             peer,
             t,
         })
+    }
+}
+
+impl Env {
+    /// The command that measures `scenario` alone, as in this run.
+    fn command(&self, scenario: &str) -> String {
+        match self.peer {
+            Some(_) => format!("scripts/bench.sh --peers --only {scenario}"),
+            None => format!("gitproxy-bench --only {scenario}"),
+        }
     }
 }
 
@@ -786,7 +796,7 @@ async fn small(plan: &Plan, env: &Env, r: &mut Report) -> Result<()> {
     notes.extend(cpu);
     r.add(&table(
         "Small requests (1 KiB JSON)",
-        "gitproxy-bench --only small",
+        &env.command("small"),
         &rows,
         &notes,
     ));
@@ -980,7 +990,7 @@ async fn bulk(plan: &Plan, env: &Env, r: &mut Report) -> Result<()> {
     notes.extend(cpu);
     r.add(&table(
         &format!("Bulk transfer ({} MiB each way)", n >> 20),
-        "gitproxy-bench --only bulk",
+        &env.command("bulk"),
         &rows,
         &notes,
     ));

@@ -38,7 +38,7 @@ pub fn client_config(control: SocketAddr, upstream: SocketAddr, token: &str) -> 
     )
 }
 
-/// Checks that `bin` runs and is rathole [`VERSION`]; its `--version` line.
+/// Checks that `bin` runs and is rathole [`VERSION`]; names it for the report.
 pub fn check_binary(bin: &Path) -> Result<String> {
     let out = std::process::Command::new(bin)
         .arg("--version")
@@ -51,15 +51,33 @@ pub fn check_binary(bin: &Path) -> Result<String> {
             )
         })?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().next().unwrap_or("").trim().to_string();
-    if !out.status.success() || !line.contains(VERSION) {
-        bail!(
-            "--rathole {}: expected rathole {VERSION}, `--version` said {line:?} ({})",
+    match describe(&text) {
+        Some(name) if out.status.success() => Ok(name),
+        _ => bail!(
+            "--rathole {}: expected rathole {VERSION}, `--version` said {:?} ({})",
             bin.display(),
+            text.trim(),
             out.status
-        );
+        ),
     }
-    Ok(line)
+}
+
+/// `rathole 0.5.0 (features ...)` from the output of `rathole --version`,
+/// which prints its build facts one per line (`Build Version:       0.5.0`,
+/// `cargo Features:      client,server`); `None` for another version.
+fn describe(version_output: &str) -> Option<String> {
+    let field = |name: &str| {
+        version_output
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(name))
+            .map(str::trim)
+    };
+    (field("Build Version:")? == VERSION).then(|| {
+        format!(
+            "rathole {VERSION} (features {})",
+            field("cargo Features:").unwrap_or("?")
+        )
+    })
 }
 
 /// A free loopback port (bound, then released for the child to take).
@@ -162,6 +180,17 @@ mod tests {
     }
 
     #[test]
+    fn the_version_is_read_from_the_build_facts() {
+        let out = "rathole \nBuild Timestamp:     2026-01-01T00:00:00Z\nBuild Version:       0.5.0\nCommit SHA:          None\ncargo Features:      client,server\n";
+        assert_eq!(
+            describe(out).as_deref(),
+            Some("rathole 0.5.0 (features client,server)")
+        );
+        assert_eq!(describe(&out.replace("0.5.0", "0.4.8")), None);
+        assert_eq!(describe("rathole 0.5.0\n"), None);
+    }
+
+    #[test]
     fn a_missing_binary_is_named_with_how_to_build_it() {
         let e = check_binary(Path::new("/nonexistent/rathole")).unwrap_err();
         let msg = format!("{e:#}");
@@ -171,7 +200,7 @@ mod tests {
 
     #[test]
     fn another_program_is_not_taken_for_rathole() {
-        // `true --version` exits 0 and prints nothing: not rathole 0.5.0.
+        // `true --version` exits 0 and prints no rathole build facts.
         let e = check_binary(Path::new("/bin/true")).unwrap_err();
         assert!(format!("{e:#}").contains("expected rathole 0.5.0"), "{e:#}");
     }
