@@ -15,6 +15,9 @@
 //! of idle agents on one replica, [`scale`]; needs root for the file limit).
 //! `--quick` shrinks every size and duration (seconds in all: the smoke test),
 //! `--only a,b` runs some, `--out FILE` also writes the report there.
+//! `--rathole PATH` (what `scripts/bench.sh --peers` passes) adds a plain TCP
+//! tunnel, rathole 0.5.0, as a fourth column of the small and bulk tables,
+//! measured in the same run ([`rathole`]).
 //! Every table goes to stdout as Markdown as soon as its scenario is done.
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -38,6 +41,8 @@ use tokio::process::Command;
 
 #[path = "bench/forward.rs"]
 mod forward;
+#[path = "bench/rathole.rs"]
+mod rathole;
 #[path = "bench/scale.rs"]
 mod scale;
 
@@ -97,6 +102,10 @@ struct Args {
     /// Seconds of the scale scenario's idle Redis window (default 30, quick 3).
     #[arg(long)]
     scale_window: Option<u64>,
+    /// A rathole 0.5.0 binary: measure it as a reference TCP tunnel in the
+    /// small and bulk tables (`scripts/bench.sh --peers` builds and passes it).
+    #[arg(long)]
+    rathole: Option<PathBuf>,
 }
 
 /// Sizes and durations of one run.
@@ -180,12 +189,14 @@ impl Report {
     }
 }
 
-/// One row: a metric measured three ways.
+/// One row: a metric measured three ways, and through rathole with
+/// `--rathole` (the peer).
 struct Row {
     metric: String,
     direct: Option<f64>,
     tunnel: Option<f64>,
     front: Option<f64>,
+    peer: Option<f64>,
 }
 
 fn row(metric: &str, direct: Option<f64>, tunnel: Option<f64>, front: Option<f64>) -> Row {
@@ -194,6 +205,26 @@ fn row(metric: &str, direct: Option<f64>, tunnel: Option<f64>, front: Option<f64
         direct,
         tunnel,
         front,
+        peer: None,
+    }
+}
+
+impl Row {
+    /// The same row with the rathole cell.
+    fn peer(self, peer: Option<f64>) -> Row {
+        Row { peer, ..self }
+    }
+}
+
+/// A row of four cells in target order (see [`idx`]).
+fn row4(metric: &str, v: Four) -> Row {
+    row(metric, v[0], v[1], v[2]).peer(v[3])
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b != 0.0 => format!("{:.2}", a / b),
+        _ => "–".into(),
     }
 }
 
@@ -212,25 +243,37 @@ fn cell(v: Option<f64>) -> String {
     v.map(num).unwrap_or_else(|| "–".into())
 }
 
+/// A Markdown table; the rathole column and its ratio only when a row has
+/// a rathole cell (`--rathole`), so the default report keeps its shape.
 fn table(title: &str, command: &str, rows: &[Row], notes: &[String]) -> String {
+    let peers = rows.iter().any(|r| r.peer.is_some());
     let mut s = format!("\n### {title}\n\n");
-    s.push_str(
-        "| metric | direct | tunnel (agent mode) | front door (direct mode) | tunnel / direct |\n",
-    );
-    s.push_str("|---|---:|---:|---:|---:|\n");
+    if peers {
+        s.push_str("| metric | direct | tunnel (agent mode) | front door (direct mode) | rathole (TCP tunnel) | tunnel / direct | tunnel / rathole |\n");
+        s.push_str("|---|---:|---:|---:|---:|---:|---:|\n");
+    } else {
+        s.push_str(
+            "| metric | direct | tunnel (agent mode) | front door (direct mode) | tunnel / direct |\n",
+        );
+        s.push_str("|---|---:|---:|---:|---:|\n");
+    }
     for r in rows {
-        let ratio = match (r.tunnel, r.direct) {
-            (Some(t), Some(d)) if d != 0.0 => format!("{:.2}", t / d),
-            _ => "–".into(),
-        };
-        s.push_str(&format!(
-            "| {} | {} | {} | {} | {} |\n",
+        let mut line = format!(
+            "| {} | {} | {} | {} |",
             r.metric,
             cell(r.direct),
             cell(r.tunnel),
-            cell(r.front),
-            ratio
-        ));
+            cell(r.front)
+        );
+        if peers {
+            line.push_str(&format!(" {} |", cell(r.peer)));
+        }
+        line.push_str(&format!(" {} |", ratio(r.tunnel, r.direct)));
+        if peers {
+            line.push_str(&format!(" {} |", ratio(r.tunnel, r.peer)));
+        }
+        s.push_str(&line);
+        s.push('\n');
     }
     s.push('\n');
     for n in notes {
@@ -240,7 +283,7 @@ fn table(title: &str, command: &str, rows: &[Row], notes: &[String]) -> String {
     s
 }
 
-fn machine(plan: &Plan) -> String {
+fn machine(plan: &Plan, peer: Option<&str>) -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
         .lines()
@@ -283,8 +326,11 @@ fn machine(plan: &Plan) -> String {
     } else {
         "harness client (reqwest, in process)".into()
     };
+    let peer = peer
+        .map(|v| format!("| reference tunnel | {v}: TCP only, server + client on loopback |\n"))
+        .unwrap_or_default();
     format!(
-        "## Machine\n\n| | |\n|---|---|\n| CPU | {model} |\n| cores | {cores} |\n| memory | {mem} |\n| kernel | {kernel} |\n| load average at start | {} |\n| small-request load generator | {loadgen} |\n| mode | {} |\n\nAll processes on loopback: the upstream and the load/bulk clients run inside `gitproxy-bench`, the broker and agent are the release binaries (`RUST_LOG=info`, JSON logs: one line per request on each side, as in production).\n",
+        "## Machine\n\n| | |\n|---|---|\n| CPU | {model} |\n| cores | {cores} |\n| memory | {mem} |\n| kernel | {kernel} |\n| load average at start | {} |\n| small-request load generator | {loadgen} |\n{peer}| mode | {} |\n\nAll processes on loopback: the upstream and the load/bulk clients run inside `gitproxy-bench`, the broker and agent are the release binaries (`RUST_LOG=info`, JSON logs: one line per request on each side, as in production).\n",
         loadavg(),
         if plan.quick { "--quick (smoke: sizes and durations shrunk, numbers not meaningful)" } else { "full" }
     )
@@ -327,31 +373,36 @@ fn cpu_secs(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / hz.max(1.0)
 }
 
-/// CPU seconds of (bench, broker, agent) spent while `f` runs.
+/// CPU seconds of (bench, broker, agent, rathole server + client) spent
+/// between `start` and `stop`; the last is 0 without `--rathole`.
 struct CpuMeter {
-    pids: [u32; 3],
-    start: [f64; 3],
+    pids: Vec<u32>,
+    start: Vec<f64>,
 }
 
 impl CpuMeter {
     fn start(env: &Env) -> CpuMeter {
-        let pids = [
+        let mut pids = vec![
             std::process::id(),
             env.broker.proc.pid(),
             env.agent.proc.pid(),
         ];
+        if let Some(p) = &env.peer {
+            pids.extend(p.pids());
+        }
         CpuMeter {
+            start: pids.iter().map(|&p| cpu_secs(p)).collect(),
             pids,
-            start: pids.map(cpu_secs),
         }
     }
-    fn stop(&self) -> [f64; 3] {
-        let now = self.pids.map(cpu_secs);
-        [
-            now[0] - self.start[0],
-            now[1] - self.start[1],
-            now[2] - self.start[2],
-        ]
+    fn stop(&self) -> [f64; 4] {
+        let d: Vec<f64> = self
+            .pids
+            .iter()
+            .zip(&self.start)
+            .map(|(&p, s)| cpu_secs(p) - s)
+            .collect();
+        [d[0], d[1], d[2], d[3..].iter().sum()]
     }
 }
 
@@ -369,12 +420,13 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 // ---------------------------------------------------------------- setup
 
-/// The three ways of reaching the upstream.
+/// The three ways of reaching the upstream, and rathole with `--rathole`.
 #[derive(Clone)]
 struct Targets {
     direct: String,
     tunnel: String,
     front: String,
+    rathole: Option<String>,
 }
 
 impl Targets {
@@ -385,17 +437,26 @@ impl Targets {
             ("front", self.front.clone()),
         ]
     }
+
+    /// [`Targets::all`], then rathole when it runs (small and bulk).
+    fn with_peer(&self) -> Vec<(&'static str, String)> {
+        let mut v = self.all().to_vec();
+        v.extend(self.rathole.clone().map(|u| ("rathole", u)));
+        v
+    }
 }
 
 struct Env {
     up: Upstream,
     broker: Broker,
     agent: Agent,
+    /// The reference tunnel, with `--rathole`.
+    peer: Option<rathole::Rathole>,
     t: Targets,
 }
 
 impl Env {
-    async fn start() -> Env {
+    async fn start(rathole_bin: Option<&std::path::Path>) -> Result<Env> {
         let up = Upstream::start().await;
         let broker = Broker::start(BrokerSpec {
             connections: vec![
@@ -406,17 +467,50 @@ impl Env {
         })
         .await;
         let agent = Agent::start("bench-agent", &broker.agent_url(), KEY, &agent_env()).await;
+        let peer = match rathole_bin {
+            Some(bin) => Some(rathole::Rathole::start(bin, up.addr).await?),
+            None => None,
+        };
         let t = Targets {
             direct: up.url(),
             tunnel: broker.front("acme"),
             front: broker.front("acme-direct"),
+            rathole: peer.as_ref().map(|p| p.url.clone()),
         };
-        Env {
+        Ok(Env {
             up,
             broker,
             agent,
+            peer,
             t,
+        })
+    }
+}
+
+impl Env {
+    /// The command that measures `scenario` alone, as in this run.
+    fn command(&self, scenario: &str) -> String {
+        match self.peer {
+            Some(_) => format!("scripts/bench.sh --peers --only {scenario}"),
+            None => format!("gitproxy-bench --only {scenario}"),
         }
+    }
+}
+
+/// Polls `url` until it answers 200 (a tunnel ready end to end).
+async fn until_ok(url: &str, limit: Duration) -> Result<()> {
+    let c = client();
+    let t = Instant::now();
+    loop {
+        if let Ok(r) = c.get(url).send().await {
+            if r.status() == 200 && r.bytes().await.is_ok() {
+                return Ok(());
+            }
+        }
+        if t.elapsed() > limit {
+            bail!("{url} did not answer 200 within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -443,11 +537,16 @@ fn agent_env() -> Vec<(&'static str, &'static str)> {
 /// Three values in target order.
 type Three = [Option<f64>; 3];
 
+/// Four values in target order, rathole last.
+type Four = [Option<f64>; 4];
+
 fn idx(name: &str) -> usize {
     match name {
         "direct" => 0,
         "tunnel" => 1,
-        _ => 2,
+        "front" => 2,
+        "rathole" => 3,
+        _ => unreachable!("target {name}"),
     }
 }
 
@@ -595,11 +694,13 @@ fn children_cpu() -> f64 {
 }
 
 async fn small(plan: &Plan, env: &Env, r: &mut Report) -> Result<()> {
-    let mut c64: Vec<Option<Load>> = vec![None, None, None];
-    let mut c1: Vec<Option<Load>> = vec![None, None, None];
+    let mut c64: Vec<Option<Load>> = vec![None, None, None, None];
+    let mut c1: Vec<Option<Load>> = vec![None, None, None, None];
     let mut cpu = Vec::new();
+    // CPU µs per request at c=64 of the processes that make up each path.
+    let mut path_cpu: Four = [None; 4];
     for (conns, slot) in [(64usize, &mut c64), (1, &mut c1)] {
-        for (name, base) in env.t.all() {
+        for (name, base) in env.t.with_peer() {
             let url = format!("{base}/api/v4/json1k");
             let m = CpuMeter::start(env);
             let w = children_cpu();
@@ -608,25 +709,38 @@ async fn small(plan: &Plan, env: &Env, r: &mut Report) -> Result<()> {
             let w = children_cpu() - w;
             let n = l.requests.max(1) as f64;
             if conns == 64 {
+                let peer = if env.peer.is_some() {
+                    format!(", rathole server + client {:.1}", c[3] * 1e6 / n)
+                } else {
+                    String::new()
+                };
                 cpu.push(format!(
-                    "{name}, c=64: CPU µs per request — load generator {:.1}, upstream (+ harness) {:.1}, broker {:.1}, agent {:.1}",
+                    "{name}, c=64: CPU µs per request — load generator {:.1}, upstream (+ harness) {:.1}, broker {:.1}, agent {:.1}{peer}",
                     w * 1e6 / n,
                     c[0] * 1e6 / n,
                     c[1] * 1e6 / n,
                     c[2] * 1e6 / n
                 ));
+                path_cpu[idx(name)] = match name {
+                    "tunnel" => Some(c[1] + c[2]),
+                    "front" => Some(c[1]),
+                    "rathole" => Some(c[3]),
+                    _ => None,
+                }
+                .map(|s| s * 1e6 / n);
             }
             slot[idx(name)] = Some(l);
         }
     }
-    let get = |v: &Vec<Option<Load>>, f: fn(&Load) -> f64| -> Three {
+    let get = |v: &Vec<Option<Load>>, f: fn(&Load) -> f64| -> Four {
         [
             v[0].as_ref().map(f),
             v[1].as_ref().map(f),
             v[2].as_ref().map(f),
+            v[3].as_ref().map(f),
         ]
     };
-    let mk = |m: &str, x: Three| row(m, x[0], x[1], x[2]);
+    let mk = row4;
     let errs: u64 = c64
         .iter()
         .chain(c1.iter())
@@ -639,7 +753,7 @@ async fn small(plan: &Plan, env: &Env, r: &mut Report) -> Result<()> {
         .flatten()
         .map(|l| l.requests)
         .sum();
-    let rows = vec![
+    let mut rows = vec![
         mk("requests/s, c=64", get(&c64, |l| l.rps)),
         mk("p50 latency µs, c=64", get(&c64, |l| l.p50_us)),
         mk("p99 latency µs, c=64", get(&c64, |l| l.p99_us)),
@@ -647,6 +761,9 @@ async fn small(plan: &Plan, env: &Env, r: &mut Report) -> Result<()> {
         mk("p50 latency µs, c=1", get(&c1, |l| l.p50_us)),
         mk("p99 latency µs, c=1", get(&c1, |l| l.p99_us)),
     ];
+    if env.peer.is_some() {
+        rows.push(mk("CPU µs per request, c=64 (tunnel processes)", path_cpu));
+    }
     let p50 = get(&c1, |l| l.p50_us);
     let added = |i: usize| match (p50[i], p50[0]) {
         (Some(t), Some(d)) => format!("{:.0} µs", t - d),
@@ -671,10 +788,18 @@ async fn small(plan: &Plan, env: &Env, r: &mut Report) -> Result<()> {
         format!("errors (non-2xx + socket errors): {errs} of {reqs} requests"),
     ];
     let mut notes = notes;
+    if env.peer.is_some() {
+        let rps = get(&c64, |l| l.rps);
+        notes.push(format!(
+            "rathole (plain TCP tunnel, same run): added p50 at c=1 = {}; tunnel throughput at c=64 = **{} ×** rathole; tunnel processes = broker + agent, front door = broker, rathole = its server + client (the load generator and upstream are in the notes below)",
+            added(3),
+            ratio(rps[1], rps[3])
+        ));
+    }
     notes.extend(cpu);
     r.add(&table(
         "Small requests (1 KiB JSON)",
-        "gitproxy-bench --only small",
+        &env.command("small"),
         &rows,
         &notes,
     ));
@@ -783,12 +908,15 @@ async fn upload(c: &reqwest::Client, url: &str, n: u64) -> Result<(u64, f64)> {
 
 async fn bulk(plan: &Plan, env: &Env, r: &mut Report) -> Result<()> {
     let n = plan.bulk;
-    let mut down: Three = [None; 3];
-    let mut up: Three = [None; 3];
-    let mut broker_hwm: Three = [None; 3];
-    let mut agent_hwm: Three = [None; 3];
+    let mut down: Four = [None; 4];
+    let mut up: Four = [None; 4];
+    let mut broker_hwm: Four = [None; 4];
+    let mut agent_hwm: Four = [None; 4];
+    // CPU seconds per GiB of the processes that make up each path.
+    let mut down_cpu: Four = [None; 4];
+    let mut up_cpu: Four = [None; 4];
     let mut cpu = Vec::new();
-    for (name, base) in env.t.all() {
+    for (name, base) in env.t.with_peer() {
         let c = client();
         let m = CpuMeter::start(env);
         let (got, s) = download(&c, &format!("{base}/api/v4/blob?n={n}")).await?;
@@ -802,9 +930,14 @@ async fn bulk(plan: &Plan, env: &Env, r: &mut Report) -> Result<()> {
         let uc = m.stop();
         up[idx(name)] = Some(n as f64 / 1e6 / s2);
         let gb = n as f64 / 1e9;
-        let fmt = |what: &str, c: [f64; 3], wall: f64| {
+        let fmt = |what: &str, c: [f64; 4], wall: f64| {
+            let peer = if env.peer.is_some() {
+                format!(", rathole server + client {:.2}", c[3] / gb)
+            } else {
+                String::new()
+            };
             format!(
-                "{name} {what}: CPU seconds per GB — bench process (client + upstream) {:.2}, broker {:.2}, agent {:.2}; total {:.2} CPU s over {:.2} s wall ({:.0}% of the machine's cores)",
+                "{name} {what}: CPU seconds per GB — bench process (client + upstream) {:.2}, broker {:.2}, agent {:.2}{peer}; total {:.2} CPU s over {:.2} s wall ({:.0}% of the machine's cores)",
                 c[0] / gb,
                 c[1] / gb,
                 c[2] / gb,
@@ -815,44 +948,52 @@ async fn bulk(plan: &Plan, env: &Env, r: &mut Report) -> Result<()> {
         };
         cpu.push(fmt("download", dc, s));
         cpu.push(fmt("upload", uc, s2));
-        if name != "direct" {
-            broker_hwm[idx(name)] = Some(mib(env.broker.proc.peak_rss_kib()));
-        }
-        if name == "tunnel" {
-            agent_hwm[idx(name)] = Some(mib(env.agent.proc.peak_rss_kib()));
+        let i = idx(name);
+        let gib = n as f64 / (1u64 << 30) as f64;
+        let per_gib = |c: [f64; 4]| match name {
+            "tunnel" => Some((c[1] + c[2]) / gib),
+            "front" => Some(c[1] / gib),
+            "rathole" => Some(c[3] / gib),
+            _ => None,
+        };
+        (down_cpu[i], up_cpu[i]) = (per_gib(dc), per_gib(uc));
+        match (name, &env.peer) {
+            ("tunnel" | "front", _) => {
+                broker_hwm[i] = Some(mib(env.broker.proc.peak_rss_kib()));
+                if name == "tunnel" {
+                    agent_hwm[i] = Some(mib(env.agent.proc.peak_rss_kib()));
+                }
+            }
+            ("rathole", Some(p)) => {
+                broker_hwm[i] = Some(mib(p.server.peak_rss_kib()));
+                agent_hwm[i] = Some(mib(p.client.peak_rss_kib()));
+            }
+            _ => {}
         }
     }
-    let rows = vec![
-        row(
-            &format!("download {} MiB, MB/s", n >> 20),
-            down[0],
-            down[1],
-            down[2],
-        ),
-        row(
-            &format!("upload {} MiB, MB/s", n >> 20),
-            up[0],
-            up[1],
-            up[2],
-        ),
-        row(
-            "broker peak RSS (VmHWM), MiB",
-            None,
-            broker_hwm[1],
-            broker_hwm[2],
-        ),
-        row("agent peak RSS (VmHWM), MiB", None, agent_hwm[1], None),
+    let mut rows = vec![
+        row4(&format!("download {} MiB, MB/s", n >> 20), down),
+        row4(&format!("upload {} MiB, MB/s", n >> 20), up),
     ];
+    if env.peer.is_some() {
+        rows.push(row4("download CPU s per GiB (tunnel processes)", down_cpu));
+        rows.push(row4("upload CPU s per GiB (tunnel processes)", up_cpu));
+    }
+    rows.push(row4("broker peak RSS (VmHWM), MiB", broker_hwm));
+    rows.push(row4("agent peak RSS (VmHWM), MiB", agent_hwm));
     let notes = vec![
         "download: `GET /api/v4/blob?n=N` (the upstream repeats one prebuilt 64 KiB chunk), read as a stream by reqwest, every byte compared with what was sent; upload: `POST /api/v4/sink`, a chunked body streamed by reqwest in 64 KiB chunks, the upstream counts it and takes its CRC-32, compared with the sent bytes'. Byte-exact: any difference fails the scenario".to_string(),
         "MB/s = 10^6 bytes per second of wall time from sending the request to the last byte (download) or the upstream's answer (upload)".to_string(),
         "peak RSS is read right after the tunnel runs (broker and agent), then again after the front-door runs (broker, cumulative since start); the bulk scenario runs first, on fresh processes".to_string(),
     ];
     let mut notes = notes;
+    if env.peer.is_some() {
+        notes.push("rathole column (plain TCP tunnel, same run): the broker rows hold the rathole server (the public side) and the agent rows the rathole client (next to the upstream); tunnel processes = broker + agent, front door = broker, rathole = its server + client".to_string());
+    }
     notes.extend(cpu);
     r.add(&table(
         &format!("Bulk transfer ({} MiB each way)", n >> 20),
-        "gitproxy-bench --only bulk",
+        &env.command("bulk"),
         &rows,
         &notes,
     ));
@@ -1412,6 +1553,12 @@ async fn main() -> Result<()> {
     let wanted = |s: &str| {
         args.only.iter().any(|o| o == s) || (args.only.is_empty() && !ON_REQUEST.contains(&s))
     };
+    // A rathole that cannot run fails the run before anything starts: its
+    // column must not silently go missing.
+    let peer_version = match &args.rathole {
+        Some(bin) => Some(rathole::check_binary(bin)?),
+        None => None,
+    };
     let mut r = Report {
         text: String::new(),
         out: args.out.clone(),
@@ -1426,14 +1573,14 @@ async fn main() -> Result<()> {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_default()
     ));
-    r.add(&machine(&plan));
+    r.add(&machine(&plan, peer_version.as_deref()));
     r.add("\n## Results\n");
 
     let needs_env = ["bulk", "small", "inflight", "hol", "reconnect"]
         .iter()
         .any(|s| wanted(s));
     let mut env = if needs_env {
-        Some(Env::start().await)
+        Some(Env::start(args.rathole.as_deref()).await?)
     } else {
         None
     };
@@ -1465,8 +1612,19 @@ async fn main() -> Result<()> {
         }
     }
     if let Some(env) = &env {
+        let peer = env
+            .peer
+            .as_ref()
+            .map(|p| {
+                format!(
+                    ", rathole server {:.1} MiB and client {:.1} MiB (whole run)",
+                    mib(p.server.peak_rss_kib()),
+                    mib(p.client.peak_rss_kib())
+                )
+            })
+            .unwrap_or_default();
         r.add(&format!(
-            "\nPeak RSS at the end (VmHWM): broker {:.1} MiB (since its restart in `reconnect`, if that ran), agent {:.1} MiB (whole run). Load average at the end: {}.\n",
+            "\nPeak RSS at the end (VmHWM): broker {:.1} MiB (since its restart in `reconnect`, if that ran), agent {:.1} MiB (whole run){peer}. Load average at the end: {}.\n",
             mib(env.broker.proc.peak_rss_kib()),
             mib(env.agent.proc.peak_rss_kib()),
             loadavg()

@@ -9,9 +9,9 @@
 use gitproxy_integration_tests::harness::bin;
 use std::time::Duration;
 
-/// One table of the report: its title, rows (metric and the three measured
-/// cells, `None` for "–"; the last column, a ratio of two of them, is left
-/// out) and notes.
+/// One table of the report: its title, rows (metric and the measured cells,
+/// `None` for "–": direct, tunnel, front door, and rathole with `--rathole`;
+/// the ratio columns, whose heading has a " / ", are left out) and notes.
 #[derive(Debug)]
 struct Table {
     title: String,
@@ -50,9 +50,16 @@ impl Table {
     }
 }
 
+/// The cells of a Markdown table line, trimmed.
+fn cells(line: &str) -> Vec<&str> {
+    line.trim_matches('|').split('|').map(str::trim).collect()
+}
+
 /// The `### ...` tables of a report.
 fn tables(report: &str) -> Vec<Table> {
     let mut out: Vec<Table> = Vec::new();
+    // Which columns of the current table are ratios (from its heading).
+    let mut ratio = Vec::new();
     for line in report.lines() {
         if let Some(title) = line.strip_prefix("### ") {
             out.push(Table {
@@ -65,11 +72,16 @@ fn tables(report: &str) -> Vec<Table> {
         let Some(t) = out.last_mut() else { continue };
         if let Some(note) = line.strip_prefix("- ") {
             t.notes.push(note.to_string());
-        } else if line.starts_with("| ") && !line.starts_with("| metric |") {
-            let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();
-            let values = cells[1..cells.len() - 1]
+        } else if line.starts_with("| metric |") {
+            ratio = cells(line).iter().map(|h| h.contains(" / ")).collect();
+        } else if line.starts_with("| ") {
+            let cells = cells(line);
+            let values = cells
                 .iter()
-                .map(|c| match *c {
+                .enumerate()
+                .skip(1)
+                .filter(|(i, _)| !ratio.get(*i).copied().unwrap_or(false))
+                .map(|(_, c)| match *c {
                     "–" => None,
                     c => Some(c.parse::<f64>().unwrap_or(f64::NAN)),
                 })
@@ -212,4 +224,43 @@ fn the_report_reader_sees_cells_and_notes() {
     assert_eq!(t.len(), 1);
     assert_eq!(t[0].row("requests/s"), [Some(1000.0), Some(500.5), None]);
     assert_no_errors(&t[0]);
+}
+
+#[test]
+fn the_report_reader_sees_the_rathole_column() {
+    let t = tables(
+        "### Small requests (1 KiB JSON)\n\n| metric | direct | tunnel (agent mode) | front door (direct mode) | rathole (TCP tunnel) | tunnel / direct | tunnel / rathole |\n|---|---:|---:|---:|---:|---:|---:|\n| requests/s, c=64 | 1000 | 500.5 | – | 700 | 0.50 | 0.72 |\n",
+    );
+    assert_eq!(
+        t[0].row("requests/s"),
+        [Some(1000.0), Some(500.5), None, Some(700.0)]
+    );
+}
+
+/// `--rathole` with something that is not rathole 0.5.0 stops the run
+/// before anything starts, naming the path: the column never goes missing
+/// silently. (CI builds no rathole; `scripts/bench.sh --peers` does.)
+#[tokio::test]
+async fn bench_refuses_an_unusable_rathole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("rathole");
+    let out = tokio::process::Command::new(bin("gitproxy-bench"))
+        .args(["--quick", "--only", "small", "--rathole"])
+        .arg(&missing)
+        .kill_on_drop(true)
+        .stdin(std::process::Stdio::null())
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(20), out)
+        .await
+        .expect("gitproxy-bench did not stop within 20 s")
+        .expect("gitproxy-bench runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains(&format!("--rathole {}", missing.display()))
+            && stderr.contains("scripts/lib/rathole.sh"),
+        "{stderr}"
+    );
+    assert!(!stdout.contains("### "), "a scenario ran: {stdout}");
 }

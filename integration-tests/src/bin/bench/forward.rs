@@ -7,34 +7,16 @@
 //! over the peer channel to `r0`), in the same run; direct access to the
 //! upstream is measured alongside as the floor.
 
-use super::{agent_env, cpu_secs, load, loadavg, num, Load, Plan, Report, TOKEN};
-use anyhow::{bail, Result};
+use super::{agent_env, cpu_secs, load, loadavg, num, until_ok, Load, Plan, Report, TOKEN};
+use anyhow::Result;
 use gitproxy_integration_tests::harness::agent::Agent;
 use gitproxy_integration_tests::harness::broker::{BrokerSpec, ConnSpec};
-use gitproxy_integration_tests::harness::client;
 use gitproxy_integration_tests::harness::cluster::{start_replicas, ClusterFiles};
 use gitproxy_integration_tests::harness::redis::Redis;
 use gitproxy_integration_tests::harness::upstream::Upstream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const KEY: &str = "testpat-bench-forward-access-key-0123";
-
-/// Polls `url` until it answers 200 (the agent is known to that replica).
-async fn until_ok(url: &str, limit: Duration) -> Result<()> {
-    let c = client();
-    let t = Instant::now();
-    loop {
-        if let Ok(r) = c.get(url).send().await {
-            if r.status() == 200 && r.bytes().await.is_ok() {
-                return Ok(());
-            }
-        }
-        if t.elapsed() > limit {
-            bail!("{url} did not answer 200 within {limit:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// One figure of a load run.
 type Metric = fn(&Load) -> f64;
