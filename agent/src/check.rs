@@ -268,7 +268,7 @@ pub async fn run(cfg: &AgentConfig) -> ExitCode {
 async fn handshake(cfg: &AgentConfig, io: Box<dyn dial::Io>) -> Result<String, (String, String)> {
     let fail = |e: SessionError| (e.to_string(), e.hint().to_string());
     let mut client = dial::over(io).await.map_err(|e| fail(e.into()))?;
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let (tx, rx) = gitproxy_shared::tunnel::queue::channel(4, 1024);
     let close = CancellationToken::new();
     let to_msg: fn(ControlFrame) -> AgentMessage = |_| AgentMessage { msg: None };
     let outbound = Outbound::new(Control::new(), rx, to_msg).closed_by(close.clone());

@@ -167,10 +167,11 @@ async fn relay(
                         return;
                     }
                     rec.bytes_out += part.len() as u64;
+                    let n = part.len();
                     let frame = AgentMessage {
                         msg: Some(Out::Data(Data { id, data: part })),
                     };
-                    if shared.tx.send(frame).await.is_err() {
+                    if shared.tx.send_data(frame, n).await.is_err() {
                         return;
                     }
                 }

@@ -14,6 +14,7 @@ use crate::dial::{self, DialError};
 use crate::metrics::AgentMetrics;
 use gitproxy_shared::gitlab_url::GitlabUrlError;
 use gitproxy_shared::tunnel::outbound::{Control, Outbound};
+use gitproxy_shared::tunnel::queue::{self, QUEUE_BYTES, QUEUE_MESSAGES};
 use gitproxy_shared::upstream::Upstream;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -30,9 +31,6 @@ pub(crate) use shared::{error_frame, Shared};
 
 /// Capabilities announced in Hello.
 pub const CAPABILITIES: [&str; 2] = ["flow-control-v1", "drain-v1"];
-
-/// Outbound data frames queued per stream before request tasks wait.
-const OUTBOUND_QUEUE: usize = 256;
 
 /// How a session ended without error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,7 +152,7 @@ pub async fn run(ctx: SessionContext) -> Result<SessionEnd, SessionError> {
     let cfg = ctx.cfg.clone();
     let mut client = dial::connect(&cfg).await?;
 
-    let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+    let (tx, rx) = queue::channel(QUEUE_MESSAGES, QUEUE_BYTES);
     let control = Control::new();
     // Ending the call would reset the HTTP/2 stream and drop queued frames;
     // a graceful end half-closes instead (see `serve::finish`).

@@ -18,10 +18,10 @@ use gitproxy_proto::v1::{
 use gitproxy_shared::gitlab_url;
 use gitproxy_shared::sanitize;
 use gitproxy_shared::tunnel::outbound::Outbound;
+use gitproxy_shared::tunnel::queue;
 use gitproxy_shared::tunnel::FlowSettings;
 use gitproxy_shared::VERSION;
 use std::time::Duration;
-use tokio::sync::mpsc;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 use tonic::Code;
@@ -70,7 +70,7 @@ pub async fn open(
     client: &mut TunnelClient<Channel>,
     cfg: &AgentConfig,
     instance: &str,
-    tx: &mpsc::Sender<AgentMessage>,
+    tx: &queue::Sender<AgentMessage>,
     outbound: Outbound<AgentMessage>,
 ) -> Result<Opened, SessionError> {
     tx.try_send(hello(cfg, instance))

@@ -50,7 +50,7 @@ mod http_body_util_lite {
 
 struct Harness {
     reader: Reader,
-    out: mpsc::Receiver<AgentMessage>,
+    out: queue::Receiver<AgentMessage>,
     /// Ids the broker cancelled (a defined outcome without an answer).
     cancelled: std::collections::BTreeSet<u64>,
 }
@@ -85,7 +85,7 @@ pub(super) fn shared_parts() -> (Arc<crate::config::AgentConfig>, Upstream) {
 fn harness() -> Harness {
     let (cfg, upstream) = shared_parts();
     // Room for every Error frame a case can make, so none is spawned.
-    let (tx, out) = mpsc::channel(4096);
+    let (tx, out) = queue::channel(4096, queue::QUEUE_BYTES);
     let shared = Arc::new(Shared {
         cfg,
         upstream,

@@ -11,11 +11,13 @@ use gitproxy_shared::tunnel::body::BodySender;
 use gitproxy_shared::tunnel::credit::SendCredit;
 use gitproxy_shared::tunnel::frames::RequestState;
 use gitproxy_shared::tunnel::outbound::{Control, ControlFrame};
+use gitproxy_shared::tunnel::queue;
 use gitproxy_shared::tunnel::FlowSettings;
 use gitproxy_shared::upstream::Upstream;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 /// A request being served.
@@ -31,7 +33,7 @@ pub(super) struct Inflight {
 pub(crate) struct Shared {
     pub(crate) cfg: Arc<AgentConfig>,
     pub(crate) upstream: Upstream,
-    pub(crate) tx: mpsc::Sender<AgentMessage>,
+    pub(crate) tx: queue::Sender<AgentMessage>,
     pub(crate) broker_flow: FlowSettings,
     pub(crate) metrics: Arc<AgentMetrics>,
     pub(super) control: Arc<Control>,
@@ -60,7 +62,7 @@ impl Shared {
     /// Sends an Error frame without making the dispatcher wait.
     pub(crate) fn reply_error(&self, id: u64, err: &GitproxyError) {
         let msg = error_frame(id, err);
-        if let Err(mpsc::error::TrySendError::Full(msg)) = self.tx.try_send(msg) {
+        if let Err(TrySendError::Full(msg)) = self.tx.try_send(msg) {
             let tx = self.tx.clone();
             tokio::spawn(async move {
                 let _ = tx.send(msg).await;

@@ -23,12 +23,12 @@ use gitproxy_shared::tunnel::FlowSettings;
 
 struct Fake {
     reader: Reader,
-    out: mpsc::Receiver<AgentMessage>,
+    out: queue::Receiver<AgentMessage>,
 }
 
-fn shared() -> (Arc<Shared>, mpsc::Receiver<AgentMessage>) {
+fn shared() -> (Arc<Shared>, queue::Receiver<AgentMessage>) {
     let (cfg, upstream) = shared_parts();
-    let (tx, out) = mpsc::channel(4096);
+    let (tx, out) = queue::channel(4096, queue::QUEUE_BYTES);
     let shared = Arc::new(Shared {
         cfg,
         upstream,

@@ -46,6 +46,9 @@ pub const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// take the last bytes (HTTP/2 GOAWAY) before the socket is closed anyway.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
+/// Largest HTTP/1.1 buffer per connection, each way (see `serve_as`).
+const H1_MAX_BUF: usize = 256 * 1024;
+
 /// What tells one HTTP listener from another (the api listener and the
 /// peer listener share this code).
 #[derive(Debug, Clone, Copy)]
@@ -117,6 +120,13 @@ pub async fn serve_as(
     // would also be the keep-alive idle limit; the ConnWatch counts the
     // header-read timeout from the first byte of a head instead.
     h1.keep_alive(true).header_read_timeout(None);
+    // hyper buffers up to ~400 KiB per connection by default, each way: a
+    // head or request body read, a response body taken from us that the
+    // caller has not read yet. 256 KiB still holds four of the largest tunnel
+    // chunks and any head within the 64 KiB header limit, and keeps the
+    // direct-mode download rate (128 KiB cut it by a quarter: GitLab's body
+    // arrives in reads of up to ~400 KiB); the socket buffers the rest.
+    h1.max_buf_size(H1_MAX_BUF);
     let mut h2 = http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
         .initial_stream_window_size(profile.stream_window)

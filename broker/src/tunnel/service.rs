@@ -12,16 +12,13 @@ use gitproxy_proto::v1::{
 };
 use gitproxy_shared::sanitize;
 use gitproxy_shared::tunnel::outbound::{Control, Outbound};
+use gitproxy_shared::tunnel::queue::{self, QUEUE_BYTES, QUEUE_MESSAGES};
 use gitproxy_shared::tunnel::FlowSettings;
 use std::pin::Pin;
 use std::sync::Arc;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn, Instrument};
-
-/// Outbound data frames queued per stream before request tasks wait.
-const OUTBOUND_QUEUE: usize = 256;
 
 /// The Tunnel service.
 #[derive(Clone)]
@@ -127,7 +124,7 @@ impl Tunnel for TunnelService {
         };
         // Boxed messages: tokio allocates a channel's first block of 32
         // slots up front, 32 × 112 bytes per idle agent unboxed.
-        let (tx, rx) = mpsc::channel::<Box<BrokerMessage>>(OUTBOUND_QUEUE);
+        let (tx, rx) = queue::channel::<Box<BrokerMessage>>(QUEUE_MESSAGES, QUEUE_BYTES);
         let control = Control::new();
         let welcome = BrokerMessage {
             msg: Some(Out::Welcome(Welcome {

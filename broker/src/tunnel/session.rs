@@ -23,13 +23,14 @@ use gitproxy_shared::tunnel::body::{BodyReceiver, BodySender};
 use gitproxy_shared::tunnel::credit::SendCredit;
 use gitproxy_shared::tunnel::frames::RequestState;
 use gitproxy_shared::tunnel::outbound::{Control, ControlFrame};
+use gitproxy_shared::tunnel::queue;
 use gitproxy_shared::tunnel::violations::Violations;
 use gitproxy_shared::tunnel::FlowSettings;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -112,7 +113,7 @@ pub struct AgentSession {
     /// When it connected.
     pub connected_since: SystemTime,
     settings: SessionSettings,
-    tx: mpsc::Sender<Box<BrokerMessage>>,
+    tx: queue::Sender<Box<BrokerMessage>>,
     control: Arc<Control>,
     pending: Mutex<HashMap<u64, Pending>>,
     next_id: AtomicU64,
@@ -161,7 +162,7 @@ impl AgentSession {
         conn_id: String,
         agent: AgentIdentity,
         settings: SessionSettings,
-        tx: mpsc::Sender<Box<BrokerMessage>>,
+        tx: queue::Sender<Box<BrokerMessage>>,
         control: Arc<Control>,
         closed: CancellationToken,
         observer: Arc<Observer>,

@@ -6,8 +6,8 @@
 //! - [`credit`]: per-request, per-direction credit: what a sender may still
 //!   send, what a receiver has buffered and when it hands credit back.
 //! - [`outbound`]: the single outbound queue of a stream. Data frames go through
-//!   a bounded channel; control frames (credit, cancel, pong) are coalesced in a
-//!   small table and sent first, so they are never stuck behind bulk data and
+//!   a [`queue`] bounded in messages and in body bytes; control frames (credit,
+//!   cancel, pong) are coalesced in a small table and sent first, so they are never stuck behind bulk data and
 //!   can be posted from synchronous code (`Drop`, `poll`).
 //! - [`body`]: the receiving half of one request's body as a stream that hands
 //!   credit back as its consumer reads.
@@ -19,6 +19,7 @@ pub mod credit;
 pub mod frames;
 pub mod limits;
 pub mod outbound;
+pub mod queue;
 pub mod violations;
 
 pub use limits::FlowSettings;

@@ -1,14 +1,16 @@
 //! The outbound side of one tunnel stream.
 //!
 //! Two sources feed the stream the gRPC library sends from:
-//! - a bounded channel of data-bearing messages (heads, body chunks, ends,
-//!   errors, pings), which tasks await on; this is where backpressure from
-//!   HTTP/2 reaches the request tasks;
+//! - a queue of data-bearing messages (heads, body chunks, ends, errors,
+//!   pings), bounded in messages and in body bytes ([`super::queue`]), which
+//!   tasks await on; this is where backpressure from HTTP/2 reaches the
+//!   request tasks;
 //! - a [`Control`] table of credit, cancel and pong frames, posted without
 //!   waiting (from `poll` or `Drop`), coalesced per request id, and sent
 //!   before any queued data. Its size is bounded by the number of live
 //!   requests, never by traffic.
 
+use super::queue;
 use futures::task::AtomicWaker;
 use futures::Stream;
 use std::collections::{HashMap, VecDeque};
@@ -16,7 +18,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 /// A control frame waiting to be sent.
@@ -123,7 +124,7 @@ impl Control {
 /// peer receives every frame, then the end of the stream).
 pub struct Outbound<M> {
     control: Arc<Control>,
-    data: mpsc::Receiver<M>,
+    data: queue::Receiver<M>,
     to_msg: fn(ControlFrame) -> M,
     close: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
 }
@@ -132,7 +133,7 @@ impl<M> Outbound<M> {
     /// Builds the stream; `to_msg` turns a control frame into a wire message.
     pub fn new(
         control: Arc<Control>,
-        data: mpsc::Receiver<M>,
+        data: queue::Receiver<M>,
         to_msg: fn(ControlFrame) -> M,
     ) -> Self {
         Outbound {
@@ -181,7 +182,7 @@ mod tests {
     #[tokio::test]
     async fn control_first_and_coalesced() {
         let control = Control::new();
-        let (tx, rx) = mpsc::channel::<String>(4);
+        let (tx, rx) = queue::channel::<String>(4, 1024);
         let mut out = Outbound::new(control.clone(), rx, |f| format!("{f:?}"));
         tx.send("data".into()).await.unwrap();
         control.credit(7, 10);
@@ -198,7 +199,7 @@ mod tests {
     #[tokio::test]
     async fn close_flushes_then_ends() {
         let control = Control::new();
-        let (tx, rx) = mpsc::channel::<String>(4);
+        let (tx, rx) = queue::channel::<String>(4, 1024);
         let close = CancellationToken::new();
         let mut out = Outbound::new(control, rx, |f| format!("{f:?}")).closed_by(close.clone());
         tx.send("a".into()).await.unwrap();
@@ -212,7 +213,7 @@ mod tests {
     #[tokio::test]
     async fn posting_wakes_a_waiting_stream() {
         let control = Control::new();
-        let (_tx, rx) = mpsc::channel::<String>(1);
+        let (_tx, rx) = queue::channel::<String>(1, 1024);
         let mut out = Outbound::new(control.clone(), rx, |f| format!("{f:?}"));
         let c = control.clone();
         let h = tokio::spawn(async move { out.next().await });

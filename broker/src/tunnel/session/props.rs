@@ -30,7 +30,7 @@ struct Harness {
     registry: Arc<Registry>,
     observer: Arc<Observer>,
     heads: Vec<(u64, HeadReceiver)>,
-    _out: mpsc::Receiver<Box<BrokerMessage>>,
+    _out: queue::Receiver<Box<BrokerMessage>>,
 }
 
 fn settings() -> SessionSettings {
@@ -45,7 +45,7 @@ fn settings() -> SessionSettings {
 }
 
 fn harness(issued: u64) -> Harness {
-    let (tx, out) = mpsc::channel(1024);
+    let (tx, out) = queue::channel(1024, queue::QUEUE_BYTES);
     let observer = Arc::new(Observer::new());
     let session = AgentSession::new(
         "acme".into(),

@@ -87,7 +87,7 @@ impl AgentSession {
                             _ = cancel.cancelled() => false,
                             ok = async {
                                 credit.acquire(flow.frame_cost(n as usize)).await.is_ok()
-                                    && self.tx.send(msg).await.is_ok()
+                                    && self.tx.send_data(msg, n as usize).await.is_ok()
                             } => ok,
                         };
                         if !sent {

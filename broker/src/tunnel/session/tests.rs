@@ -40,7 +40,7 @@ fn settings() -> SessionSettings {
 }
 
 fn peer() -> Peer {
-    let (tx, rx) = mpsc::channel(1024);
+    let (tx, rx) = queue::channel(1024, queue::QUEUE_BYTES);
     let control = Control::new();
     let session = AgentSession::new(
         "acme".into(),
