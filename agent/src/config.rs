@@ -81,8 +81,8 @@ pub struct RunArgs {
     /// Threads that serve requests (0 = one per CPU core). One carries the
     /// agent's traffic at the least CPU per request; raise it only for
     /// many large transfers at once.
-    #[arg(long, env = "GITPROXY_WORKER_THREADS", default_value_t = 1)]
-    pub worker_threads: usize,
+    #[arg(long, env = "GITPROXY_WORKER_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(0..=1024))]
+    pub worker_threads: u16,
     /// Where the running agent publishes its state for `gitproxy-agent health`.
     #[arg(
         long,
@@ -313,6 +313,20 @@ fn strip_userinfo_for_check(p: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn worker_threads_out_of_range_is_a_clear_error() {
+        let e = Cli::try_parse_from(["gitproxy-agent", "run", "--worker-threads", "5000"])
+            .expect_err("5000 threads accepted");
+        let text = e.to_string();
+        assert!(text.contains("--worker-threads"), "{text}");
+        assert!(text.contains("5000 is not in 0..=1024"), "{text}");
+        let ok = Cli::try_parse_from(["gitproxy-agent", "run", "--worker-threads", "4"]).unwrap();
+        match ok.command {
+            Some(Command::Run(a)) => assert_eq!(a.worker_threads, 4),
+            other => panic!("not run: {other:?}"),
+        }
+    }
 
     fn args() -> RunArgs {
         RunArgs {

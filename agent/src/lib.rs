@@ -42,7 +42,7 @@ pub fn main_with(cli: Cli) -> ExitCode {
     match cli.command.unwrap_or(Command::Run(Box::default())) {
         Command::Run(args) => {
             let _log = gitproxy_shared::logging::init(args.log_format);
-            let workers = args.worker_threads;
+            let workers = usize::from(args.worker_threads);
             let cfg = match config::AgentConfig::from_args(*args) {
                 Ok(c) => c,
                 Err(e) => {

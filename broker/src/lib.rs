@@ -54,7 +54,7 @@ pub fn main_with(cli: Cli) -> ExitCode {
         None => cli.serve,
     };
     let _log = gitproxy_shared::logging::init(args.log_format);
-    let workers = args.worker_threads;
+    let workers = usize::from(args.worker_threads);
     let (cfg, file) = match BrokerConfig::load(args) {
         Ok(c) => c,
         Err(e) => {

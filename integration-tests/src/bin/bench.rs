@@ -516,7 +516,7 @@ async fn until_ok(url: &str, limit: Duration) -> Result<()> {
 
 /// Tuning variables passed on to the agents (the broker inherits this
 /// process's environment), for experiments: `GITPROXY_WINDOW_BYTES`,
-/// `GLIBC_TUNABLES`, `MALLOC_*` and `TOKIO_WORKER_THREADS`.
+/// `GLIBC_TUNABLES`, `MALLOC_*` and `GITPROXY_WORKER_THREADS`.
 fn agent_env() -> Vec<(&'static str, &'static str)> {
     static VARS: std::sync::OnceLock<Vec<(&'static str, &'static str)>> =
         std::sync::OnceLock::new();
@@ -525,7 +525,7 @@ fn agent_env() -> Vec<(&'static str, &'static str)> {
             .filter(|(k, _)| {
                 k == "GITPROXY_WINDOW_BYTES"
                     || k == "GLIBC_TUNABLES"
-                    || k == "TOKIO_WORKER_THREADS"
+                    || k == "GITPROXY_WORKER_THREADS"
                     || k.starts_with("MALLOC_")
             })
             .map(|(k, v)| (&*k.leak(), &*v.leak()))

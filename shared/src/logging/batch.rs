@@ -184,19 +184,23 @@ mod tests {
         }
     }
 
-    fn line(i: usize) -> Vec<u8> {
-        format!("line {i:05}\n").into_bytes()
+    /// Logs `n` numbered lines, one writer per line as the subscriber
+    /// does, and returns what the output must then hold.
+    fn log_lines(w: &BatchWriter, n: usize) -> Vec<u8> {
+        let mut expected = Vec::new();
+        for i in 0..n {
+            let line = format!("line {i:05}\n").into_bytes();
+            w.clone().write_all(&line).unwrap();
+            expected.extend(line);
+        }
+        expected
     }
 
     #[test]
     fn lines_arrive_in_order_in_few_writes() {
         let rec = Recorder::default();
         let (w, guard) = start(Box::new(rec.clone())).unwrap();
-        let mut expected = Vec::new();
-        for i in 0..2000 {
-            w.clone().write_all(&line(i)).unwrap();
-            expected.extend(line(i));
-        }
+        let expected = log_lines(&w, 2000);
         rec.wait_for(expected.len());
         assert_eq!(*lock(&rec.bytes), expected);
         // One write per batch, not per line.
@@ -217,11 +221,7 @@ mod tests {
     fn dropping_the_guard_writes_what_is_pending() {
         let rec = Recorder::default();
         let (w, guard) = start(Box::new(rec.clone())).unwrap();
-        let mut expected = Vec::new();
-        for i in 0..500 {
-            w.clone().write_all(&line(i)).unwrap();
-            expected.extend(line(i));
-        }
+        let expected = log_lines(&w, 500);
         drop(guard);
         assert_eq!(*lock(&rec.bytes), expected);
     }
