@@ -24,6 +24,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Small initial stream buffers: see src/codec.rs.
         .codec_path("crate::codec::SmallBufferCodec")
         .bytes(".gitproxy.v1.Data.data")
+        .bytes(".gitproxy.v1.ResponseHead.body")
         .file_descriptor_set_path(out.join("gitproxy_descriptor.bin"))
         .compile_protos(&protos, &["."])?;
     Ok(())

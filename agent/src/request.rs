@@ -9,7 +9,7 @@
 use crate::record::RequestRecord;
 use crate::session::{error_frame, Shared};
 use base64::Engine;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use gitproxy_proto::v1::{
     agent_message::Msg as Out, AgentMessage, Data, End, RequestHead, ResponseHead,
 };
@@ -122,72 +122,92 @@ async fn relay(
     };
     let status = resp.status();
     rec.status = status.as_u16();
-    let end_of_stream = method == Method::HEAD
+    let no_body = method == Method::HEAD
         || status == http::StatusCode::NO_CONTENT
         || status == http::StatusCode::NOT_MODIFIED
         || resp.content_length() == Some(0);
-    let head_frame = AgentMessage {
-        msg: Some(Out::ResponseHead(ResponseHead {
-            id,
-            status: u32::from(status.as_u16()),
-            headers: headers::response_to_wire(resp.headers()),
-            end_of_stream,
-        })),
+    let max_chunk = shared.broker_flow.max_chunk_bytes as usize;
+    let mut head = ResponseHead {
+        id,
+        status: u32::from(status.as_u16()),
+        headers: headers::response_to_wire(resp.headers()),
+        end_of_stream: no_body,
+        body: Bytes::new(),
     };
-    if shared.tx.send(head_frame).await.is_err() || end_of_stream {
+    // A small body of known length (most API answers) goes whole in the
+    // head: one frame instead of head, Data and End. Its length is known
+    // before reading, so no streamed answer is held back.
+    let whole = resp
+        .content_length()
+        .filter(|&n| shared.inline_bodies && !no_body && n <= max_chunk as u64);
+    if let Some(len) = whole {
+        let mut buf = BytesMut::new();
+        let mut first = None;
+        loop {
+            match next_chunk(&mut resp, idle, rec.bytes_out).await {
+                Ok(Some(chunk)) if buf.is_empty() && first.is_none() => first = Some(chunk),
+                Ok(Some(chunk)) => {
+                    if let Some(f) = first.take() {
+                        buf.reserve(len as usize);
+                        buf.extend_from_slice(&f);
+                    }
+                    buf.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(e) => return fail(rec, e),
+            }
+        }
+        // GitLab's client enforces the declared length, so this is `len`.
+        let body = first.unwrap_or_else(|| buf.freeze());
+        let n = body.len();
+        if credit
+            .acquire(shared.broker_flow.frame_cost(n))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        rec.bytes_out = n as u64;
+        head.end_of_stream = true;
+        head.body = body;
+        let frame = AgentMessage {
+            msg: Some(Out::ResponseHead(head)),
+        };
+        let _ = shared.tx.send_data(frame, n).await;
         return;
     }
-    let max_chunk = shared.broker_flow.max_chunk_bytes as usize;
+    let head_frame = AgentMessage {
+        msg: Some(Out::ResponseHead(head)),
+    };
+    if shared.tx.send(head_frame).await.is_err() || no_body {
+        return;
+    }
     loop {
-        // Only the wait for GitLab counts towards the idle time, not the
-        // wait for credit below.
-        let Some(chunk) = idle::within(idle, resp.chunk()).await else {
-            let err = GitproxyError::new(
-                ErrorCode::Timeout,
-                format!(
-                    "GitLab sent no data for {}s in the middle of the response (after {} bytes); the body idle timeout (GITPROXY_BODY_IDLE_TIMEOUT) ended it",
-                    idle.as_secs_f32(),
-                    rec.bytes_out
-                ),
-            );
-            rec.error = Some(err.error);
-            warn!(request_id = id, error = %err.error, "{}", err.message);
-            let _ = shared.tx.send(error_frame(id, &err)).await;
-            return;
-        };
-        match chunk {
-            Ok(Some(mut bytes)) => {
-                while !bytes.is_empty() {
-                    let part: Bytes = bytes.split_to(bytes.len().min(max_chunk));
-                    if credit
-                        .acquire(shared.broker_flow.frame_cost(part.len()))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                    rec.bytes_out += part.len() as u64;
-                    let n = part.len();
-                    let frame = AgentMessage {
-                        msg: Some(Out::Data(Data { id, data: part })),
-                    };
-                    if shared.tx.send_data(frame, n).await.is_err() {
-                        return;
-                    }
-                }
-            }
+        let mut bytes = match next_chunk(&mut resp, idle, rec.bytes_out).await {
+            Ok(Some(bytes)) => bytes,
             Ok(None) => break,
-            Err(e) => {
-                let err = GitproxyError::new(
-                    ErrorCode::UpstreamUnreachable,
-                    format!(
-                        "GitLab cut the response after {} bytes: {}",
-                        rec.bytes_out,
-                        gitproxy_shared::errors::Chain::new(&e.without_url()).text()
-                    ),
-                );
+            Err(err) => {
                 rec.error = Some(err.error);
+                warn!(request_id = id, error = %err.error, "{}", err.message);
                 let _ = shared.tx.send(error_frame(id, &err)).await;
+                return;
+            }
+        };
+        while !bytes.is_empty() {
+            let part: Bytes = bytes.split_to(bytes.len().min(max_chunk));
+            if credit
+                .acquire(shared.broker_flow.frame_cost(part.len()))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            rec.bytes_out += part.len() as u64;
+            let n = part.len();
+            let frame = AgentMessage {
+                msg: Some(Out::Data(Data { id, data: part })),
+            };
+            if shared.tx.send_data(frame, n).await.is_err() {
                 return;
             }
         }
@@ -198,6 +218,33 @@ async fn relay(
             msg: Some(Out::End(End { id })),
         })
         .await;
+}
+
+/// The next chunk of GitLab's answer, `None` at its end. Only the wait for
+/// GitLab counts towards the idle time, never a wait for the broker's
+/// credit; `sent` (bytes relayed so far) goes into the error messages.
+async fn next_chunk(
+    resp: &mut reqwest::Response,
+    idle: Duration,
+    sent: u64,
+) -> Result<Option<Bytes>, GitproxyError> {
+    match idle::within(idle, resp.chunk()).await {
+        None => Err(GitproxyError::new(
+            ErrorCode::Timeout,
+            format!(
+                "GitLab sent no data for {}s in the middle of the response (after {sent} bytes); the body idle timeout (GITPROXY_BODY_IDLE_TIMEOUT) ended it",
+                idle.as_secs_f32(),
+            ),
+        )),
+        Some(Ok(chunk)) => Ok(chunk),
+        Some(Err(e)) => Err(GitproxyError::new(
+            ErrorCode::UpstreamUnreachable,
+            format!(
+                "GitLab cut the response after {sent} bytes: {}",
+                gitproxy_shared::errors::Chain::new(&e.without_url()).text()
+            ),
+        )),
+    }
 }
 
 /// Replaces whatever credentials came from the cloud with the agent's own

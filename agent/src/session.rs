@@ -13,6 +13,7 @@ use crate::config::AgentConfig;
 use crate::dial::{self, DialError};
 use crate::metrics::AgentMetrics;
 use gitproxy_shared::gitlab_url::GitlabUrlError;
+use gitproxy_shared::tunnel::frames;
 use gitproxy_shared::tunnel::outbound::{Control, Outbound};
 use gitproxy_shared::tunnel::queue::{self, QUEUE_BYTES, QUEUE_MESSAGES};
 use gitproxy_shared::upstream::Upstream;
@@ -167,6 +168,11 @@ pub async fn run(ctx: SessionContext) -> Result<SessionEnd, SessionError> {
         upstream,
         tx,
         broker_flow: opened.broker_flow,
+        inline_bodies: opened
+            .welcome
+            .capabilities
+            .iter()
+            .any(|c| c == frames::INLINE_BODY),
         metrics: ctx.metrics.clone(),
         control,
         inflight: Mutex::new(Default::default()),
@@ -190,6 +196,8 @@ pub async fn run(ctx: SessionContext) -> Result<SessionEnd, SessionError> {
     serve::serve(&ctx, shared, opened.inbound, &half_close, heartbeat).await
 }
 
+#[cfg(test)]
+mod answer_tests;
 #[cfg(test)]
 mod props;
 #[cfg(test)]

@@ -91,6 +91,7 @@ fn harness() -> Harness {
         upstream,
         tx,
         broker_flow: FlowSettings::default(),
+        inline_bodies: true,
         metrics: Default::default(),
         control: Control::new(),
         inflight: Mutex::new(HashMap::new()),
@@ -324,6 +325,7 @@ fn hostile_welcomes_are_refused() {
         max_chunk_bytes: 64 * 1024,
         heartbeat_interval_ms: 15_000,
         heartbeat_timeout_ms: 40_000,
+        capabilities: vec![],
     };
     assert!(check_welcome(&ok).is_ok());
     for (id, url) in [

@@ -161,6 +161,8 @@ impl Reader {
         let rules = FrameRules {
             side: Side::Agent,
             max_chunk_bytes: self.shared.cfg.flow.max_chunk_bytes as usize,
+            // The agent's Hello does not offer inline request bodies.
+            inline_bodies: false,
         };
         rules.on_frame(
             map.get_mut(&id).map(|e| &mut e.state),
@@ -196,6 +198,7 @@ impl Reader {
         let id = h.id;
         let frame = Frame::Head {
             end_of_stream: h.end_of_stream,
+            body_len: 0,
         };
         // Ids are unique per stream but may arrive out of order (see the
         // frame rules), so only a live id is a reuse.

@@ -35,6 +35,9 @@ pub(crate) struct Shared {
     pub(crate) upstream: Upstream,
     pub(crate) tx: queue::Sender<AgentMessage>,
     pub(crate) broker_flow: FlowSettings,
+    /// The broker's Welcome offered `inline-body-v1`: a small answer may go
+    /// whole in its head.
+    pub(crate) inline_bodies: bool,
     pub(crate) metrics: Arc<AgentMetrics>,
     pub(super) control: Arc<Control>,
     pub(super) inflight: Mutex<HashMap<u64, Inflight>>,

@@ -34,6 +34,7 @@ fn shared() -> (Arc<Shared>, queue::Receiver<AgentMessage>) {
         upstream,
         tx,
         broker_flow: FlowSettings::default(),
+        inline_bodies: true,
         metrics: Default::default(),
         control: gitproxy_shared::tunnel::outbound::Control::new(),
         inflight: Mutex::new(Default::default()),

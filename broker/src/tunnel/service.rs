@@ -11,6 +11,7 @@ use gitproxy_proto::v1::{
     BrokerMessage, Hello, Welcome,
 };
 use gitproxy_shared::sanitize;
+use gitproxy_shared::tunnel::frames;
 use gitproxy_shared::tunnel::outbound::{Control, Outbound};
 use gitproxy_shared::tunnel::queue::{self, QUEUE_BYTES, QUEUE_MESSAGES};
 use gitproxy_shared::tunnel::FlowSettings;
@@ -135,6 +136,7 @@ impl Tunnel for TunnelService {
                 max_chunk_bytes: t.flow.max_chunk_bytes,
                 heartbeat_interval_ms: t.heartbeat_interval.as_millis() as u32,
                 heartbeat_timeout_ms: t.heartbeat_timeout.as_millis() as u32,
+                capabilities: vec![frames::INLINE_BODY.to_string()],
             })),
         };
         tx.try_send(Box::new(welcome))

@@ -49,6 +49,7 @@ pub fn response_head(id: u64, status: u32, headers: Vec<gitproxy_proto::v1::Head
         status,
         headers,
         end_of_stream: false,
+        body: Default::default(),
     })
 }
 

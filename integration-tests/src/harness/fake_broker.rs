@@ -97,6 +97,9 @@ impl Tunnel for Service {
             max_chunk_bytes: 64 * 1024,
             heartbeat_interval_ms: 15_000,
             heartbeat_timeout_ms: 40_000,
+            // A broker from before `inline-body-v1`: answers come as head,
+            // Data and End.
+            capabilities: vec![],
         };
         let mut frames = vec![broker_message::Msg::Welcome(welcome)];
         frames.extend(

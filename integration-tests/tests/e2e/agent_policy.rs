@@ -41,6 +41,7 @@ impl Tunnel for FakeBroker {
             max_chunk_bytes: 64 * 1024,
             heartbeat_interval_ms: 15_000,
             heartbeat_timeout_ms: 40_000,
+            capabilities: vec![],
         };
         tx.send(BrokerMessage {
             msg: Some(broker_message::Msg::Welcome(welcome)),

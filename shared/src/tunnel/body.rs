@@ -40,8 +40,9 @@ pub fn channel(
         flow,
     };
     let receiver = BodyReceiver {
-        rx,
-        returner: CreditReturner::new(window, flow.return_threshold()),
+        rx: Some(rx),
+        whole: None,
+        returner: Some(CreditReturner::new(window, flow.return_threshold())),
         control,
         id,
         flow,
@@ -109,8 +110,12 @@ impl BodySender {
 /// mistaken for a complete one.
 #[derive(Debug)]
 pub struct BodyReceiver {
-    rx: mpsc::Receiver<BodyItem>,
-    returner: CreditReturner,
+    /// `None` for a whole body that came with its head.
+    rx: Option<mpsc::Receiver<BodyItem>>,
+    /// The whole body carried by the head, until it is read.
+    whole: Option<Bytes>,
+    /// Hands credit back as chunks are read (channel bodies only).
+    returner: Option<CreditReturner>,
     control: Arc<Control>,
     id: u64,
     flow: FlowSettings,
@@ -121,6 +126,24 @@ pub struct BodyReceiver {
 }
 
 impl BodyReceiver {
+    /// A body that arrived whole with its head (`inline-body-v1`): no
+    /// channel and no credit to hand back, since the peer's half of the
+    /// request has already ended.
+    pub fn whole(id: u64, data: Bytes, flow: FlowSettings, control: Arc<Control>) -> Self {
+        BodyReceiver {
+            rx: None,
+            remaining: Some(data.len() as u64),
+            whole: Some(data),
+            returner: None,
+            control,
+            id,
+            flow,
+            received: 0,
+            finished: false,
+            failed: false,
+        }
+    }
+
     /// Bytes received so far.
     pub fn received(&self) -> u64 {
         self.received
@@ -149,11 +172,18 @@ impl http_body::Body for BodyReceiver {
         if this.finished || this.failed {
             return Poll::Ready(None);
         }
-        match this.rx.poll_recv(cx) {
+        let Some(rx) = this.rx.as_mut() else {
+            this.finished = true;
+            let data = this.whole.take().unwrap_or_default();
+            this.received = data.len() as u64;
+            this.remaining = Some(0);
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        };
+        match rx.poll_recv(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Some(BodyItem::Data(data))) => {
                 let cost = this.flow.frame_cost(data.len());
-                if let Some(n) = this.returner.consumed(cost) {
+                if let Some(n) = this.returner.as_mut().and_then(|r| r.consumed(cost)) {
                     this.control.credit(this.id, n);
                 }
                 this.received += data.len() as u64;
@@ -164,12 +194,12 @@ impl http_body::Body for BodyReceiver {
             }
             Poll::Ready(Some(BodyItem::End)) => {
                 this.finished = true;
-                this.rx.close();
+                rx.close();
                 Poll::Ready(None)
             }
             Poll::Ready(Some(BodyItem::Failed(e))) => {
                 this.failed = true;
-                this.rx.close();
+                rx.close();
                 Poll::Ready(Some(Err(e)))
             }
             Poll::Ready(None) => {
@@ -234,6 +264,23 @@ mod tests {
         let (data, err) = collect(rx).await;
         assert_eq!(data.len(), 2048);
         assert!(err.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_whole_body_is_one_frame_then_a_clean_end() {
+        let rx = BodyReceiver::whole(1, Bytes::from_static(b"{}"), flow(), Control::new());
+        assert_eq!(http_body::Body::size_hint(&rx).exact(), Some(2));
+        assert!(!http_body::Body::is_end_stream(&rx));
+        let mut rx = rx;
+        let f = std::future::poll_fn(|cx| http_body::Body::poll_frame(Pin::new(&mut rx), cx))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(f.data_ref().unwrap(), &Bytes::from_static(b"{}"));
+        assert!(http_body::Body::is_end_stream(&rx));
+        assert_eq!(rx.received(), 2);
+        let (rest, err) = collect(rx).await;
+        assert!(rest.is_empty() && err.is_none());
     }
 
     #[tokio::test]

@@ -3,7 +3,10 @@
 //! One request is two halves: the broker sends `RequestHead → Data* → End`
 //! (or `Cancel` at any time), the agent answers `ResponseHead → Data* → End`
 //! (or `Error` at any time); `end_of_stream` on a head stands for an
-//! immediate `End`; `Credit` may come whenever the request is live. Each
+//! immediate `End`; `Credit` may come whenever the request is live. A head
+//! may carry the whole body (`ResponseHead.body`) when the reading end
+//! offered the `inline-body-v1` capability ([`INLINE_BODY`]): then it must
+//! also end the stream, and the body is bounded like one `Data` frame. Each
 //! dispatcher keeps one [`RequestState`] per live request (the peer's half as
 //! seen here) and passes every inbound frame through [`FrameRules::on_frame`],
 //! which moves the state and answers either the [`Step`] to take or the
@@ -17,6 +20,10 @@
 //! below the highest one seen that has no live request is a late frame of a
 //! request that already finished here (cancelled, failed, completed) and is
 //! ignored; an id above it (or 0) was never sent and is a violation.
+
+/// The capability by which an end offers to read heads that carry a whole
+/// small body: one frame for a small answer instead of head, `Data`, `End`.
+pub const INLINE_BODY: &str = "inline-body-v1";
 
 /// Which end reads the frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +41,8 @@ pub enum Frame {
     Head {
         /// No body follows.
         end_of_stream: bool,
+        /// Length of the body the head carries (0: none).
+        body_len: usize,
     },
     /// A body chunk of `len` bytes.
     Data {
@@ -146,6 +155,10 @@ pub enum Violation {
     /// A head whose contents are unusable (status, header count or size).
     #[error("{0}")]
     BadHead(String),
+    /// A head carrying a body this end did not offer to read, or carrying
+    /// one without ending the stream.
+    #[error("{0}")]
+    InlineBody(&'static str),
 }
 
 /// The frame rules of one end of a stream.
@@ -153,8 +166,11 @@ pub enum Violation {
 pub struct FrameRules {
     /// Which end reads.
     pub side: Side,
-    /// Largest `Data` payload allowed (the reader's `max_chunk_bytes`).
+    /// Largest `Data` payload allowed (the reader's `max_chunk_bytes`),
+    /// and largest body a head may carry.
     pub max_chunk_bytes: usize,
+    /// This end offered [`INLINE_BODY`]: heads may carry a whole body.
+    pub inline_bodies: bool,
 }
 
 impl FrameRules {
@@ -169,15 +185,34 @@ impl FrameRules {
         highest_id: u64,
         frame: Frame,
     ) -> Result<Step, Violation> {
-        if let Frame::Data { len } = frame {
-            if len > self.max_chunk_bytes {
-                return Err(Violation::OversizedData);
+        match frame {
+            Frame::Data { len } if len > self.max_chunk_bytes => {
+                return Err(Violation::OversizedData)
             }
+            Frame::Head {
+                end_of_stream,
+                body_len,
+            } if body_len > 0 => {
+                if !self.inline_bodies {
+                    return Err(Violation::InlineBody(
+                        "a head carrying a body, which this end did not offer to read",
+                    ));
+                }
+                if !end_of_stream {
+                    return Err(Violation::InlineBody(
+                        "a head carrying a body without ending the stream",
+                    ));
+                }
+                if body_len > self.max_chunk_bytes {
+                    return Err(Violation::OversizedData);
+                }
+            }
+            _ => {}
         }
         let name = frame.name(self.side);
         let Some(state) = state else {
             return match (frame, self.side) {
-                (Frame::Head { end_of_stream }, Side::Agent) if id != 0 => Ok(Step::Head {
+                (Frame::Head { end_of_stream, .. }, Side::Agent) if id != 0 => Ok(Step::Head {
                     body: !end_of_stream,
                 }),
                 (Frame::Head { .. }, Side::Agent) => Err(Violation::IdZero(name)),
@@ -192,7 +227,7 @@ impl FrameRules {
         match (*state, frame) {
             (_, Frame::Abort) => Ok(Step::Abort),
             (_, Frame::Credit) => Ok(Step::Credit),
-            (AwaitingHead, Frame::Head { end_of_stream }) => {
+            (AwaitingHead, Frame::Head { end_of_stream, .. }) => {
                 *state = RequestState::after_head(end_of_stream);
                 Ok(Step::Head {
                     body: !end_of_stream,
@@ -219,14 +254,58 @@ mod tests {
     const BROKER: FrameRules = FrameRules {
         side: Side::Broker,
         max_chunk_bytes: 10,
+        inline_bodies: true,
     };
     const AGENT: FrameRules = FrameRules {
         side: Side::Agent,
         max_chunk_bytes: 10,
+        inline_bodies: false,
     };
     const HEAD: Frame = Frame::Head {
         end_of_stream: false,
+        body_len: 0,
     };
+
+    #[test]
+    fn a_head_carries_a_body_only_when_offered_whole_and_small() {
+        let whole = |body_len| Frame::Head {
+            end_of_stream: true,
+            body_len,
+        };
+        let mut s = RequestState::AwaitingHead;
+        assert_eq!(
+            BROKER.on_frame(Some(&mut s), 1, 1, whole(10)),
+            Ok(Step::Head { body: false })
+        );
+        assert_eq!(s, RequestState::Ended);
+        assert_eq!(
+            BROKER.on_frame(Some(&mut s), 1, 1, Frame::Data { len: 1 }),
+            Err(Violation::DataAfterEnd)
+        );
+        let mut s = RequestState::AwaitingHead;
+        assert_eq!(
+            BROKER.on_frame(Some(&mut s), 1, 1, whole(11)),
+            Err(Violation::OversizedData)
+        );
+        let open = Frame::Head {
+            end_of_stream: false,
+            body_len: 3,
+        };
+        assert!(matches!(
+            BROKER.on_frame(Some(&mut s), 1, 1, open),
+            Err(Violation::InlineBody(_))
+        ));
+        assert_eq!(s, RequestState::AwaitingHead);
+        // Not offered: even a whole small body is refused.
+        assert!(matches!(
+            AGENT.on_frame(None, 1, 0, whole(3)),
+            Err(Violation::InlineBody(_))
+        ));
+        assert_eq!(
+            AGENT.on_frame(None, 1, 0, whole(0)),
+            Ok(Step::Head { body: false })
+        );
+    }
 
     #[test]
     fn the_legal_order_walks_head_data_end() {

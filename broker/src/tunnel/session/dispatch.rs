@@ -93,6 +93,8 @@ impl AgentSession {
         let rules = FrameRules {
             side: Side::Broker,
             max_chunk_bytes: self.settings.flow.max_chunk_bytes as usize,
+            // Every Welcome offers it.
+            inline_bodies: true,
         };
         let issued = self.next_id.load(Ordering::Relaxed);
         rules.on_frame(map.get_mut(&id).map(|p| &mut p.state), id, issued, frame)
@@ -136,6 +138,7 @@ impl AgentSession {
             id,
             Frame::Head {
                 end_of_stream: h.end_of_stream,
+                body_len: h.body.len(),
             },
         );
         let body_follows = match step {
@@ -178,7 +181,10 @@ impl AgentSession {
             Some(rx)
         } else {
             map.remove(&id);
-            None
+            // A small answer whole in its head (the rules bounded it).
+            (!h.body.is_empty()).then(|| {
+                body::BodyReceiver::whole(id, h.body, self.settings.flow, self.control.clone())
+            })
         };
         drop(map);
         if let Some(head_tx) = head_tx {

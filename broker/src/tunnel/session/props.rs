@@ -182,8 +182,9 @@ fn code() -> impl Strategy<Value = String> {
 
 fn frame() -> impl Strategy<Value = AgentMessage> {
     let m = prop_oneof![
-        4 => (id(), status(), headers(), any::<bool>()).prop_map(|(id, status, headers, end_of_stream)| {
-            In::ResponseHead(ResponseHead { id, status, headers, end_of_stream })
+        4 => (id(), status(), headers(), any::<bool>(), prop_oneof![3 => Just(0usize), 1 => data_len()]).prop_map(|(id, status, headers, end_of_stream, n)| {
+            // Sometimes a whole body in the head (`inline-body-v1`), legal or not.
+            In::ResponseHead(ResponseHead { id, status, headers, end_of_stream, body: Bytes::from(vec![7u8; n]) })
         }),
         6 => (id(), data_len()).prop_map(|(id, n)| In::Data(Data { id, data: Bytes::from(vec![7u8; n]) })),
         2 => id().prop_map(|id| In::End(End { id })),
@@ -214,6 +215,7 @@ fn bogus_frame() -> impl Strategy<Value = AgentMessage> {
                 status: 200,
                 headers: vec![],
                 end_of_stream: false,
+                body: Bytes::new(),
             }),
             3 => In::Error(ErrorFrame {
                 id,

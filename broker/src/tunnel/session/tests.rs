@@ -142,6 +142,18 @@ fn head(id: u64, status: u32, end_of_stream: bool) -> In {
         status,
         headers: vec![],
         end_of_stream,
+        body: Bytes::new(),
+    })
+}
+
+/// A head carrying `n` bytes of body.
+fn head_with_body(id: u64, end_of_stream: bool, n: usize) -> In {
+    In::ResponseHead(ResponseHead {
+        id,
+        status: 200,
+        headers: vec![],
+        end_of_stream,
+        body: Bytes::from(vec![7u8; n]),
     })
 }
 
@@ -190,7 +202,17 @@ async fn violations_before_the_head_end_the_request() {
                 status: 200,
                 headers: too_many,
                 end_of_stream: true,
+                body: Bytes::new(),
             }),
+        ),
+        ("inline body without the end", head_with_body(0, false, 3)),
+        (
+            "inline body above the largest chunk",
+            head_with_body(
+                0,
+                true,
+                FlowSettings::default().max_chunk_bytes as usize + 1,
+            ),
         ),
     ];
     for (n, (what, mut frame)) in cases.into_iter().enumerate() {
@@ -259,6 +281,29 @@ async fn violations_mid_body_cut_the_body() {
     p.send(In::End(End { id: bystander }));
     let body = by_answer.body.take().expect("a body");
     assert_eq!(read_body(body).await, Ok(by_body));
+}
+
+/// A small answer whole in its head (`inline-body-v1`, which every Welcome
+/// offers) reaches the caller as its whole body and a clean end, and the
+/// request is over: a late Data for it is ignored.
+#[tokio::test(start_paused = true)]
+async fn a_whole_body_in_the_head_is_the_whole_answer() {
+    let mut p = peer();
+    let chunk = FlowSettings::default().max_chunk_bytes as usize;
+    for n in [1, chunk] {
+        let (id, task) = p.request(None).await;
+        p.send(head_with_body(id, true, n));
+        let (answer, _guard) = task.await.unwrap().unwrap();
+        assert_eq!(answer.status, 200);
+        let body = answer.body.expect("a body");
+        assert_eq!(read_body(body).await, Ok(vec![7u8; n]));
+        assert!(!p.session.lock().contains_key(&id));
+        p.send(data(id, 5, 1));
+    }
+    let (id, task) = p.request(None).await;
+    p.send(head(id, 204, true));
+    assert!(task.await.unwrap().unwrap().0.body.is_none());
+    assert_eq!(p.violations(), 0);
 }
 
 /// Frames for ids never issued only count; frames for requests that
