@@ -25,6 +25,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .codec_path("crate::codec::SmallBufferCodec")
         .bytes(".gitproxy.v1.Data.data")
         .bytes(".gitproxy.v1.ResponseHead.body")
+        .bytes(".gitproxy.v1.RequestHead.body")
         .file_descriptor_set_path(out.join("gitproxy_descriptor.bin"))
         .compile_protos(&protos, &["."])?;
     Ok(())

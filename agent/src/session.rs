@@ -31,7 +31,7 @@ mod upstream;
 pub(crate) use shared::{error_frame, Shared};
 
 /// Capabilities announced in Hello.
-pub const CAPABILITIES: [&str; 2] = ["flow-control-v1", "drain-v1"];
+pub const CAPABILITIES: [&str; 3] = ["flow-control-v1", "drain-v1", frames::INLINE_BODY];
 
 /// How a session ended without error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -161,8 +161,8 @@ impl Reader {
         let rules = FrameRules {
             side: Side::Agent,
             max_chunk_bytes: self.shared.cfg.flow.max_chunk_bytes as usize,
-            // The agent's Hello does not offer inline request bodies.
-            inline_bodies: false,
+            // Every Hello offers it.
+            inline_bodies: true,
         };
         rules.on_frame(
             map.get_mut(&id).map(|e| &mut e.state),
@@ -194,17 +194,28 @@ impl Reader {
         self.violation(id, what)
     }
 
-    fn start(&mut self, h: RequestHead) -> ControlFlow<String> {
+    fn start(&mut self, mut h: RequestHead) -> ControlFlow<String> {
         let id = h.id;
         let frame = Frame::Head {
             end_of_stream: h.end_of_stream,
-            body_len: 0,
+            body_len: h.body.len(),
         };
         // Ids are unique per stream but may arrive out of order (see the
         // frame rules), so only a live id is a reuse.
         let step = self.judge(&mut self.shared.lock(), id, frame);
         match step {
             Ok(Step::Head { .. }) => {}
+            // A new request the broker now waits on, refused for the body
+            // its head carries: answer it, so the caller is not left hanging.
+            Err(v @ (Violation::InlineBody(_) | Violation::OversizedData))
+                if id != 0 && !self.shared.lock().contains_key(&id) =>
+            {
+                let err =
+                    GitproxyError::new(ErrorCode::ProtocolError, format!("protocol error: {v}"));
+                self.shared.reply_error(id, &err);
+                self.last_id = self.last_id.max(id);
+                return self.violation(id, &v.to_string());
+            }
             other => return self.outcome(id, other.map(drop)),
         }
         self.last_id = self.last_id.max(id);
@@ -226,7 +237,13 @@ impl Reader {
             );
             return ControlFlow::Continue(());
         }
-        let (body_tx, body_rx) = if h.end_of_stream {
+        let (body_tx, body_rx) = if !h.body.is_empty() {
+            // A small request whole in its head (the rules bounded it).
+            let whole = std::mem::take(&mut h.body);
+            let flow = self.shared.cfg.flow;
+            let rx = body::BodyReceiver::whole(id, whole, flow, self.shared.control.clone());
+            (None, Some(rx))
+        } else if h.end_of_stream {
             (None, None)
         } else {
             let (t, r) = body::channel(

@@ -172,6 +172,39 @@ async fn violations_end_the_live_request() {
     }
 }
 
+/// A small request body whole in its head (`inline-body-v1`, which every
+/// Hello offers) is the request's whole body; a head carrying a body without
+/// ending the stream, or one above the largest chunk, is answered with
+/// `protocol_error` and counted, and the stream goes on.
+#[tokio::test(start_paused = true)]
+async fn a_whole_body_in_the_head_and_its_violations() {
+    let chunk = FlowSettings::default().max_chunk_bytes as usize;
+    let with_body = |id, end_of_stream, n: usize| {
+        In::RequestHead(RequestHead {
+            id,
+            method: "POST".into(),
+            path: "/api/v4/projects".into(),
+            end_of_stream,
+            body: Bytes::from(vec![5u8; n]),
+            ..Default::default()
+        })
+    };
+    let mut f = fake();
+    assert_eq!(f.send(with_body(1, true, chunk)), Dispatch::Continue);
+    assert_eq!(read_body(f.body(1)).await, Ok(vec![5u8; chunk]));
+    for (id, frame) in [
+        (2, with_body(2, false, 3)),
+        (3, with_body(3, true, chunk + 1)),
+    ] {
+        assert_eq!(f.send(frame), Dispatch::Continue, "{id}");
+        assert_eq!(f.errors(), vec![(id, "protocol_error".to_string())], "{id}");
+        assert!(!f.live(id), "{id}");
+    }
+    assert_eq!(f.violations(), 2);
+    assert_eq!(f.send(head(4, true)), Dispatch::Continue);
+    assert!(f.live(4));
+}
+
 /// Frames for ids never sent only count (no answer); a Cancel for an id
 /// not seen yet is not a violation (it may overtake its head); frames
 /// after a Cancel are late and ignored; lower ids than the highest seen

@@ -139,6 +139,7 @@ pub async fn via_agent(
             timeout_ms: 0,
             end_of_stream: false,
             content_length: length,
+            body: Default::default(),
         };
         let bytes_in = Arc::new(AtomicU64::new(0));
         match session

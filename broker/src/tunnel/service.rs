@@ -122,6 +122,12 @@ impl Tunnel for TunnelService {
             heartbeat_timeout: t.heartbeat_timeout,
             max_age: t.max_connection_age,
             body_idle_timeout: t.body_idle_timeout,
+            // The first few names only: a Hello is peer input.
+            agent_inline_bodies: hello
+                .capabilities
+                .iter()
+                .take(16)
+                .any(|c| c == frames::INLINE_BODY),
         };
         // Boxed messages: tokio allocates a channel's first block of 32
         // slots up front, 32 × 112 bytes per idle agent unboxed.

@@ -78,6 +78,9 @@ pub struct SessionSettings {
     pub max_age: Duration,
     /// Longest silence of a caller's request body mid-upload (zero: never).
     pub body_idle_timeout: Duration,
+    /// The agent's Hello offered `inline-body-v1`: a small request body may
+    /// go whole in its head.
+    pub agent_inline_bodies: bool,
 }
 
 /// Error codes an agent may end a request with; any other code it sends
@@ -280,10 +283,29 @@ impl AgentSession {
         B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: std::fmt::Display + Send,
     {
+        let mut body = body;
+        // A small body of known length goes whole in the head: one frame
+        // instead of head, Data and End.
+        let max = self.settings.agent_flow.max_chunk_bytes as u64;
+        let whole = body.as_ref().and_then(|b| b.size_hint().exact());
+        if let Some(b) = body
+            .as_mut()
+            .filter(|_| self.settings.agent_inline_bodies && whole.is_some_and(|n| n <= max))
+        {
+            let data = self.whole_body(b, max as usize).await?;
+            bytes_in.fetch_add(data.len() as u64, Ordering::Relaxed);
+            head.body = data;
+            body = None;
+        }
         let (id, head_rx, credit) = self.register();
         head.id = id;
         head.timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         head.end_of_stream = body.is_none();
+        if !head.body.is_empty() {
+            // Always at hand: the request's credit is a whole window.
+            let cost = self.settings.agent_flow.frame_cost(head.body.len());
+            let _ = credit.acquire(cost).await;
+        }
         let guard = RequestGuard {
             session: self.clone(),
             id,

@@ -75,6 +75,7 @@ fn head(id: u64, method: &str, path: &str) -> RequestHead {
         timeout_ms: 10_000,
         end_of_stream: true,
         content_length: None,
+        body: Default::default(),
     }
 }
 

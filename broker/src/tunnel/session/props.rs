@@ -41,6 +41,7 @@ fn settings() -> SessionSettings {
         heartbeat_timeout: Duration::from_secs(40),
         max_age: Duration::ZERO,
         body_idle_timeout: Duration::from_secs(300),
+        agent_inline_bodies: true,
     }
 }
 

@@ -36,10 +36,15 @@ fn settings() -> SessionSettings {
         heartbeat_timeout: Duration::from_secs(40),
         max_age: Duration::ZERO,
         body_idle_timeout: Duration::from_secs(300),
+        agent_inline_bodies: true,
     }
 }
 
 fn peer() -> Peer {
+    peer_with(settings())
+}
+
+fn peer_with(settings: SessionSettings) -> Peer {
     let (tx, rx) = queue::channel(1024, queue::QUEUE_BYTES);
     let control = Control::new();
     let session = AgentSession::new(
@@ -49,7 +54,7 @@ fn peer() -> Peer {
             version: "test".into(),
             holds_token: false,
         },
-        settings(),
+        settings,
         tx,
         control.clone(),
         CancellationToken::new(),
@@ -98,9 +103,22 @@ impl Peer {
         }
     }
 
-    /// Starts a request (body: `body`) and returns its id once its head
-    /// reached the agent, with the caller's task.
+    /// Starts a request (body: `body`, of known length) and returns its id
+    /// once its head reached the agent, with the caller's task.
     async fn request(&mut self, body: Option<&'static [u8]>) -> (u64, JoinHandle<Reply>) {
+        let (h, task) = self
+            .request_with(body.map(|b| Full::new(Bytes::from_static(b))))
+            .await;
+        (h.id, task)
+    }
+
+    /// Starts a request with `body` and returns its head as the agent got
+    /// it, with the caller's task.
+    async fn request_with<B>(&mut self, body: Option<B>) -> (RequestHead, JoinHandle<Reply>)
+    where
+        B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: std::fmt::Display + Send,
+    {
         let s = self.session.clone();
         let task = tokio::spawn(async move {
             let head = RequestHead {
@@ -108,13 +126,12 @@ impl Peer {
                 path: "/api/v4/projects".into(),
                 ..Default::default()
             };
-            let body = body.map(|b| Full::new(Bytes::from_static(b)));
             s.send_request(head, body, Duration::from_secs(600), Default::default())
                 .await
         });
         loop {
             match self.recv().await {
-                Out::RequestHead(h) => return (h.id, task),
+                Out::RequestHead(h) => return (h, task),
                 other => self.stash.push_back(other),
             }
         }
@@ -133,6 +150,15 @@ impl Peer {
 
     fn violations(&self) -> u32 {
         self.session.violations.total()
+    }
+
+    /// `h` came without its body, which follows as one Data, then End.
+    async fn expect_streamed(&mut self, h: &RequestHead, body: &'static [u8]) {
+        assert!(!h.end_of_stream && h.body.is_empty(), "{h:?}");
+        let id = h.id;
+        let data = Bytes::from_static(body);
+        assert_eq!(self.next().await, Out::Data(Data { id, data }));
+        assert_eq!(self.next().await, Out::End(End { id }));
     }
 }
 
@@ -155,6 +181,14 @@ fn head_with_body(id: u64, end_of_stream: bool, n: usize) -> In {
         end_of_stream,
         body: Bytes::from(vec![7u8; n]),
     })
+}
+
+/// A body of unknown length (like a chunked upload): it streams.
+fn streamed(
+    b: &'static [u8],
+) -> impl http_body::Body<Data = Bytes, Error = std::convert::Infallible> + Send + Unpin {
+    let frames = vec![Ok(http_body::Frame::data(Bytes::from_static(b)))];
+    http_body_util::StreamBody::new(futures::stream::iter(frames))
 }
 
 fn data(id: u64, n: usize, byte: u8) -> In {
@@ -306,6 +340,34 @@ async fn a_whole_body_in_the_head_is_the_whole_answer() {
     assert_eq!(p.violations(), 0);
 }
 
+/// A small request body of known length goes whole in the head when the
+/// agent offered `inline-body-v1`, and no Data or End follows; a body of
+/// unknown length, or any body to an agent that did not offer it, streams.
+#[tokio::test(start_paused = true)]
+async fn a_small_request_body_goes_whole_in_the_head() {
+    const UP: &[u8] = br#"{"branch":"fix"}"#;
+    let mut p = peer();
+    let (h, task) = p
+        .request_with(Some(Full::new(Bytes::from_static(UP))))
+        .await;
+    assert!(h.end_of_stream, "{h:?}");
+    assert_eq!(&h.body[..], UP);
+    p.send(head(h.id, 201, true));
+    assert_eq!(task.await.unwrap().unwrap().0.status, 201);
+    // Nothing of the first request follows: the next frame is the next head.
+    let (next, _task) = p.request_with(Some(streamed(UP))).await;
+    p.expect_streamed(&next, UP).await;
+
+    let mut old = peer_with(SessionSettings {
+        agent_inline_bodies: false,
+        ..settings()
+    });
+    let (h, _task) = old
+        .request_with(Some(Full::new(Bytes::from_static(UP))))
+        .await;
+    old.expect_streamed(&h, UP).await;
+}
+
 /// Frames for ids never issued only count; frames for requests that
 /// finished here (ended, cancelled by the caller) are ignored; a second
 /// End is such a late frame.
@@ -390,7 +452,8 @@ async fn interleaved_requests_get_their_bytes() {
     let mut p = peer();
     let mut reqs = Vec::new();
     for _ in 0..N {
-        reqs.push(p.request(Some(UP)).await);
+        let (h, task) = p.request_with(Some(streamed(UP))).await;
+        reqs.push((h.id, task));
     }
     // Each request body arrives whole, then End.
     let mut up: HashMap<u64, Vec<u8>> = HashMap::new();
