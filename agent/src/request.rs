@@ -20,6 +20,7 @@ use gitproxy_shared::sanitize;
 use gitproxy_shared::secret::Secret;
 use gitproxy_shared::tunnel::body::BodyReceiver;
 use gitproxy_shared::tunnel::credit::SendCredit;
+use gitproxy_shared::upstream::{self, RequestBody};
 use http::{HeaderMap, HeaderValue, Method};
 use std::sync::Arc;
 use std::time::Duration;
@@ -103,7 +104,7 @@ async fn relay(
     let idle = shared.cfg.body_idle_timeout;
     // The broker's request body: a broker that keeps it open without data
     // cannot hold GitLab's connection forever either.
-    let body = body.map(|b| reqwest::Body::wrap(IdleTimeout::new(b, idle, "the broker")));
+    let body = body.map(|b| RequestBody::wrap(IdleTimeout::new(b, idle, "the broker")));
     let send = shared.upstream.send(method.clone(), &target, hdrs, body);
     let result = if head.timeout_ms > 0 {
         match tokio::time::timeout(Duration::from_millis(head.timeout_ms), send).await {
@@ -125,7 +126,7 @@ async fn relay(
     let end_of_stream = method == Method::HEAD
         || status == http::StatusCode::NO_CONTENT
         || status == http::StatusCode::NOT_MODIFIED
-        || resp.content_length() == Some(0);
+        || upstream::content_length(&resp) == Some(0);
     let head_frame = AgentMessage {
         msg: Some(Out::ResponseHead(ResponseHead {
             id,
@@ -141,7 +142,7 @@ async fn relay(
     loop {
         // Only the wait for GitLab counts towards the idle time, not the
         // wait for credit below.
-        let Some(chunk) = idle::within(idle, resp.chunk()).await else {
+        let Some(chunk) = idle::within(idle, upstream::next_chunk(resp.body_mut())).await else {
             let err = GitproxyError::new(
                 ErrorCode::Timeout,
                 format!(
@@ -183,7 +184,7 @@ async fn relay(
                     format!(
                         "GitLab cut the response after {} bytes: {}",
                         rec.bytes_out,
-                        gitproxy_shared::errors::Chain::new(&e.without_url()).text()
+                        gitproxy_shared::errors::Chain::new(&e).text()
                     ),
                 );
                 rec.error = Some(err.error);

@@ -15,6 +15,7 @@ use gitproxy_proto::v1::{Header, RequestHead};
 use gitproxy_shared::errors::{ErrorCode, GitproxyError};
 use gitproxy_shared::headers;
 use gitproxy_shared::idle::IdleTimeout;
+use gitproxy_shared::upstream::RequestBody;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body as _;
 use std::sync::atomic::AtomicU64;
@@ -225,7 +226,7 @@ pub async fn direct(
     }
     let bytes_in = Arc::new(AtomicU64::new(0));
     let body = (!body.is_end_stream())
-        .then(|| reqwest::Body::wrap(SyncBody::new(body, length, bytes_in.clone())));
+        .then(|| RequestBody::wrap(SyncBody::new(body, length, bytes_in.clone())));
     let timeout = state.config.tunnel.request_timeout;
     let resp =
         match tokio::time::timeout(timeout, upstream.send(method, &t.target, hdrs, body)).await {
@@ -250,7 +251,7 @@ pub async fn direct(
     Ok(respond(
         status,
         hdrs,
-        IdleTimeout::new(reqwest::Body::from(resp), idle, "GitLab"),
+        IdleTimeout::new(resp.into_body(), idle, "GitLab"),
         log,
         Guards {
             request: None,
