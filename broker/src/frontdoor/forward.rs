@@ -2,7 +2,7 @@
 //! directly, streaming both ways, and the answer rebuilt for the caller.
 //! Response bodies carry the body idle timeout (`gitproxy_shared::idle`).
 
-use super::body::{Finish, Guards, Logged, SyncBody};
+use super::body::{CountedBody, Finish, Guards, Logged};
 use super::credentials;
 use super::origin::{self, FrontBase};
 use super::rewrite::Rewriter;
@@ -226,7 +226,7 @@ pub async fn direct(
     }
     let bytes_in = Arc::new(AtomicU64::new(0));
     let body = (!body.is_end_stream())
-        .then(|| RequestBody::wrap(SyncBody::new(body, length, bytes_in.clone())));
+        .then(|| RequestBody::wrap(CountedBody::new(body, length, bytes_in.clone())));
     let timeout = state.config.tunnel.request_timeout;
     let resp =
         match tokio::time::timeout(timeout, upstream.send(method, &t.target, hdrs, body)).await {
