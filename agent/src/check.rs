@@ -294,11 +294,12 @@ fn exit(r: Report) -> ExitCode {
 /// The first 64 KiB of a probe's body (GitLab's `/version` answer is tiny;
 /// whatever else answers is not read further). A body cut by an error is
 /// what arrived so far.
-async fn head_of_body(mut resp: reqwest::Response) -> Vec<u8> {
+async fn head_of_body(resp: gitproxy_shared::upstream::Response) -> Vec<u8> {
     const MAX: usize = 64 * 1024;
     let mut out = Vec::new();
+    let mut body = resp.into_body();
     while out.len() < MAX {
-        match resp.chunk().await {
+        match gitproxy_shared::upstream::next_chunk(&mut body).await {
             Ok(Some(c)) => out.extend_from_slice(&c[..c.len().min(MAX - out.len())]),
             _ => break,
         }

@@ -20,6 +20,7 @@ use gitproxy_shared::sanitize;
 use gitproxy_shared::secret::Secret;
 use gitproxy_shared::tunnel::body::BodyReceiver;
 use gitproxy_shared::tunnel::credit::SendCredit;
+use gitproxy_shared::upstream::{self, RequestBody};
 use http::{HeaderMap, HeaderValue, Method};
 use std::sync::Arc;
 use std::time::Duration;
@@ -103,7 +104,7 @@ async fn relay(
     let idle = shared.cfg.body_idle_timeout;
     // The broker's request body: a broker that keeps it open without data
     // cannot hold GitLab's connection forever either.
-    let body = body.map(|b| reqwest::Body::wrap(IdleTimeout::new(b, idle, "the broker")));
+    let body = body.map(|b| RequestBody::wrap(IdleTimeout::new(b, idle, "the broker")));
     let send = shared.upstream.send(method.clone(), &target, hdrs, body);
     let result = if head.timeout_ms > 0 {
         match tokio::time::timeout(Duration::from_millis(head.timeout_ms), send).await {
@@ -125,7 +126,7 @@ async fn relay(
     let no_body = method == Method::HEAD
         || status == http::StatusCode::NO_CONTENT
         || status == http::StatusCode::NOT_MODIFIED
-        || resp.content_length() == Some(0);
+        || upstream::content_length(&resp) == Some(0);
     let max_chunk = shared.broker_flow.max_chunk_bytes as usize;
     let mut head = ResponseHead {
         id,
@@ -137,8 +138,7 @@ async fn relay(
     // A small body of known length (most API answers) goes whole in the
     // head: one frame instead of head, Data and End. Its length is known
     // before reading, so no streamed answer is held back.
-    let whole = resp
-        .content_length()
+    let whole = upstream::content_length(&resp)
         .filter(|&n| shared.inline_bodies && !no_body && n <= max_chunk as u64);
     if let Some(len) = whole {
         let mut buf = BytesMut::new();
@@ -224,11 +224,11 @@ async fn relay(
 /// GitLab counts towards the idle time, never a wait for the broker's
 /// credit; `sent` (bytes relayed so far) goes into the error messages.
 async fn next_chunk(
-    resp: &mut reqwest::Response,
+    resp: &mut upstream::Response,
     idle: Duration,
     sent: u64,
 ) -> Result<Option<Bytes>, GitproxyError> {
-    match idle::within(idle, resp.chunk()).await {
+    match idle::within(idle, upstream::next_chunk(resp.body_mut())).await {
         None => Err(GitproxyError::new(
             ErrorCode::Timeout,
             format!(
@@ -241,7 +241,7 @@ async fn next_chunk(
             ErrorCode::UpstreamUnreachable,
             format!(
                 "GitLab cut the response after {sent} bytes: {}",
-                gitproxy_shared::errors::Chain::new(&e.without_url()).text()
+                gitproxy_shared::errors::Chain::new(&e).text()
             ),
         )),
     }

@@ -17,6 +17,7 @@
 //! exactly the target's path and query.
 
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
+use std::borrow::Cow;
 use url::Url;
 
 /// How many characters of a refused URL an error message shows.
@@ -240,6 +241,75 @@ pub fn join(base: &Url, target: &str) -> Result<Url, String> {
     Ok(url)
 }
 
+/// A base URL prepared to join many targets: [`JoinBase::join`] accepts and
+/// refuses exactly what [`join`] does and gives the same URL (the test
+/// `join_base_agrees_with_join` checks that over generated targets), without
+/// parsing a URL per request: the origin and path prefix are serialised
+/// once, the target is percent-encoded the way `url` would, and the one
+/// rewrite `url` could still make to an encoded path (backslashes as
+/// separators, `.`/`..` segments also as `%2e`) is refused.
+#[derive(Debug, Clone)]
+pub struct JoinBase {
+    /// `scheme://authority` and the base path without its trailing `/`.
+    prefix: String,
+}
+
+impl JoinBase {
+    /// Prepares `base`; fails as [`join`] would for any target.
+    pub fn new(base: &Url) -> Result<Self, String> {
+        join(base, "/")?;
+        let mut prefix = base[..url::Position::BeforePath].to_string();
+        prefix.push_str(base.path().trim_end_matches('/'));
+        Ok(JoinBase { prefix })
+    }
+
+    /// The URI of one request for `target` (origin form, relative to the
+    /// base), and the target as sent (relative to the base, encoded).
+    pub fn join<'t>(&self, target: &'t str) -> Result<(http::Uri, Cow<'t, str>), String> {
+        if !target.starts_with('/') || target.starts_with("//") {
+            return Err("the request target is not in origin form".into());
+        }
+        if target.contains('#') {
+            return Err("the request target holds '#'".into());
+        }
+        let (raw_path, raw_query) = match target.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (target, None),
+        };
+        // A borrowed `Cow` may still differ from the input (a lone encoded
+        // byte), so "unchanged" is decided by comparing.
+        let path: Cow<'t, str> = utf8_percent_encode(raw_path, PATH).into();
+        if path.contains('\\') || path.split('/').any(is_dot_segment) {
+            return Err(
+                "the request path would be rewritten (dot segments, backslashes or odd characters)"
+                    .into(),
+            );
+        }
+        let query: Option<Cow<'t, str>> = raw_query.map(|q| utf8_percent_encode(q, QUERY).into());
+        let relative = if *path == *raw_path && query.as_deref() == raw_query {
+            Cow::Borrowed(target)
+        } else {
+            match query {
+                None => Cow::Owned(path.into_owned()),
+                Some(q) => Cow::Owned(format!("{path}?{q}")),
+            }
+        };
+        let mut s = String::with_capacity(self.prefix.len() + relative.len());
+        s.push_str(&self.prefix);
+        s.push_str(&relative);
+        let uri =
+            http::Uri::try_from(s).map_err(|_| "the request URL is not a valid URI".to_string())?;
+        Ok((uri, relative))
+    }
+}
+
+/// A segment `url` resolves as `.` or `..` (also percent-encoded, any case).
+fn is_dot_segment(seg: &str) -> bool {
+    [".", "%2e", "..", ".%2e", "%2e.", "%2e%2e"]
+        .iter()
+        .any(|d| seg.eq_ignore_ascii_case(d))
+}
+
 /// The origin-form target of `url` relative to `base` (`/api/v4/...?query`),
 /// or `None` when `url` is not under the base's origin and path.
 pub fn relative_target(base: &Url, url: &Url) -> Option<String> {
@@ -343,6 +413,58 @@ mod tests {
             join(&b, "/g/p.git/info/refs").unwrap().as_str(),
             "http://127.0.0.1:8080/g/p.git/info/refs"
         );
+    }
+
+    /// [`JoinBase::join`] agrees with [`join`] (and the `Uri` a client
+    /// would make of its URL) on every target, hostile or not.
+    #[test]
+    fn join_base_agrees_with_join() {
+        use proptest::prelude::*;
+        let bases = [
+            base("http://127.0.0.1:1/gitlab"),
+            base("https://gitlab.example/"),
+            base("https://gitlab.example:8443/a/b/"),
+        ];
+        let check = |t: &str| {
+            for b in &bases {
+                let old = join(b, t)
+                    .ok()
+                    .and_then(|u| u.as_str().parse::<http::Uri>().ok().map(|x| (x, u)));
+                let new = JoinBase::new(b).unwrap().join(t).ok();
+                match (old, new) {
+                    (None, None) => {}
+                    (Some((uri, url)), Some((nuri, rel))) => {
+                        assert_eq!(uri, nuri, "{b} + {t:?}");
+                        assert_eq!(uri.to_string(), url.as_str(), "{b} + {t:?}");
+                        assert_eq!(relative_target(b, &url).unwrap(), rel, "{b} + {t:?}");
+                    }
+                    (o, n) => panic!("{b} + {t:?}: join {o:?}, JoinBase {n:?}"),
+                }
+            }
+        };
+        for t in [
+            "/api/v4/projects/g%2Fp?ref=a%2Fb&x=1;y=2",
+            "/api/v4/x y\"{}",
+            "/api/%2e%2e/%2E%2E/admin",
+            "/api/.%2E/x",
+            "/api/%2e./x",
+            "/api/./x",
+            "/api\\..\\x",
+            "/a//b",
+            "/a?",
+            "/a?b?c=é&d='\"<>",
+            "/é/ü?%zz",
+            "/%",
+            "/x#y",
+            "//evil/x",
+            "/",
+            "",
+        ] {
+            check(t);
+        }
+        proptest!(ProptestConfig::with_cases(4000), |(t in "/[a./%2eE\\\\?#\" {}<>`'~|^\\[\\]é\t;=&+:@-]{0,14}")| {
+            check(&t);
+        });
     }
 
     /// Hand-built hostile bases (which the validator refuses) and hostile

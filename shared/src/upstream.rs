@@ -5,19 +5,31 @@
 //! corporate proxy is decided once, with the same `HTTPS_PROXY`/`NO_PROXY`
 //! rules curl and Go use (hyper-util's matcher: exact host, domain suffix,
 //! IP, CIDR, `*`). Failures are classified into the product's error codes.
-//! Every request URL is built with the URL library from the base and the
-//! target, and checked (same origin, under the base path, inside the policy)
-//! before it is sent.
+//! Every request URI is the base joined with the target
+//! (`gitlab_url::JoinBase`, which refuses what the URL library would
+//! rewrite), checked (same origin, under the base path, inside the policy)
+//! before it is sent. The client is hyper-util's pooled HTTP/1.1 client over
+//! our own connector (`connect`: resolve overrides, proxy, TLS, timeout);
+//! `body` holds the request body type and helpers to read answers.
 
 use crate::errors::{classify_upstream, proxy_error, ErrorCode, GitproxyError, Route};
 use crate::gitlab_url::{self, GitlabUrlError};
 use crate::policy::Policy;
 use crate::secret::redact_url;
 use crate::tls;
-use http::{HeaderMap, Method, StatusCode};
+use connect::Connector;
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use hyper_util::client::legacy::Client;
 use hyper_util::client::proxy::matcher::Matcher;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::time::Duration;
 use url::Url;
+
+mod body;
+mod connect;
+
+use body::ClientBody;
+pub use body::{collect, content_length, next_chunk, RequestBody, Response};
 
 /// Corporate proxy settings, as the environment variables give them.
 #[derive(Debug, Clone, Default)]
@@ -128,13 +140,25 @@ pub enum UpstreamBuildError {
 }
 
 /// A client bound to one GitLab.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Upstream {
-    client: reqwest::Client,
-    base_url: Url,
+    client: Client<Connector, ClientBody>,
+    join: gitlab_url::JoinBase,
     base: String,
     policy: Policy,
     route: Route,
+    /// `Proxy-Authorization` for plain-http GitLab through the proxy
+    /// (absolute-form requests); a tunnel sends it in its `CONNECT`.
+    forward_auth: Option<HeaderValue>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("base", &self.base)
+            .field("route", &self.route)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Upstream {
@@ -154,43 +178,47 @@ impl Upstream {
             Some(p) => format!("{}:{p}", url.host_str().unwrap_or_default()),
             None => url.host_str().unwrap_or_default().to_string(),
         };
+        let join = gitlab_url::JoinBase::new(url)
+            .map_err(|why| UpstreamBuildError::Client(why.to_string()))?;
         let tls = tls::client_config(&cfg.extra_ca_pem, &[b"http/1.1"])?;
-        let mut builder = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls)
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .http1_only()
-            .tcp_nodelay(true)
-            .connect_timeout(cfg.connect_timeout)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(64);
-        for (host, ip) in resolve {
-            // reqwest takes the port from the URL.
-            builder = builder.resolve(host, std::net::SocketAddr::new(*ip, 0));
-        }
+        let https = url.scheme() == "https";
         let choice = cfg.proxy.proxy_for(url);
-        let mut proxy_display = None;
         if let Some(choice) = &choice {
-            let mut proxy = reqwest::Proxy::all(choice.uri.to_string())
-                .map_err(|_| UpstreamBuildError::BadProxy(choice.display()))?;
-            if let Some(auth) = &choice.basic_auth {
-                proxy = proxy.custom_http_auth(auth.clone());
+            if choice.uri.host().is_none() {
+                return Err(UpstreamBuildError::BadProxy(choice.display()));
             }
-            builder = builder.proxy(proxy);
-            proxy_display = Some(choice.display());
         }
-        let client = builder
-            .build()
-            .map_err(|e| UpstreamBuildError::Client(e.to_string()))?;
+        let forward_auth = match &choice {
+            Some(c) if !https => c.basic_auth.clone().map(|mut v| {
+                v.set_sensitive(true);
+                v
+            }),
+            _ => None,
+        };
+        let connector = Connector::new(
+            tls,
+            resolve,
+            choice
+                .as_ref()
+                .map(|c| (c.uri.clone(), c.basic_auth.clone())),
+            https,
+            cfg.connect_timeout,
+        );
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(64)
+            .build(connector);
         Ok(Upstream {
             client,
-            base_url: url.clone(),
+            join,
             base: url.as_str().trim_end_matches('/').to_string(),
             policy: cfg.policy,
             route: Route {
                 gitlab_host: host,
-                proxy: proxy_display,
+                proxy: choice.map(|c| c.display()),
             },
+            forward_auth,
         })
     }
 
@@ -204,10 +232,11 @@ impl Upstream {
         &self.base
     }
 
-    /// The URL a request for `target` goes to, refused with
+    /// The URI a request for `target` goes to, refused with
     /// `blocked_by_policy` unless it stays on the base URL's origin, under its
-    /// path, and the path relative to the base passes the policy.
-    pub fn request_url(&self, method: &Method, target: &str) -> Result<Url, GitproxyError> {
+    /// path, and the path relative to the base passes the policy (checked
+    /// again on the target as sent when encoding changed it).
+    pub fn request_uri(&self, method: &Method, target: &str) -> Result<http::Uri, GitproxyError> {
         let blocked = |why: String| {
             GitproxyError::new(
                 ErrorCode::BlockedByPolicy,
@@ -217,13 +246,13 @@ impl Upstream {
         self.policy
             .check(method.as_str(), target)
             .map_err(blocked)?;
-        let url = gitlab_url::join(&self.base_url, target).map_err(blocked)?;
-        let relative = gitlab_url::relative_target(&self.base_url, &url)
-            .ok_or_else(|| blocked("the request URL leaves the GitLab base URL".into()))?;
-        self.policy
-            .check(method.as_str(), &relative)
-            .map_err(blocked)?;
-        Ok(url)
+        let (uri, relative) = self.join.join(target).map_err(blocked)?;
+        if relative != target {
+            self.policy
+                .check(method.as_str(), &relative)
+                .map_err(blocked)?;
+        }
+        Ok(uri)
     }
 
     /// Sends one request: `target` is the origin-form path and query relative
@@ -232,20 +261,28 @@ impl Upstream {
         &self,
         method: Method,
         target: &str,
-        headers: HeaderMap,
-        body: Option<reqwest::Body>,
-    ) -> Result<reqwest::Response, GitproxyError> {
-        let url = self.request_url(&method, target)?;
-        let mut req = self.client.request(method, url).headers(headers);
-        if let Some(body) = body {
-            req = req.body(body);
+        mut headers: HeaderMap,
+        body: Option<RequestBody>,
+    ) -> Result<Response, GitproxyError> {
+        let uri = self.request_uri(&method, target)?;
+        // What the previous client (reqwest) added by default.
+        headers
+            .entry(http::header::ACCEPT)
+            .or_insert(HeaderValue::from_static("*/*"));
+        if let Some(auth) = &self.forward_auth {
+            headers.insert(http::header::PROXY_AUTHORIZATION, auth.clone());
         }
-        let resp = req
-            .send()
+        let mut req = http::Request::new(ClientBody::from(body));
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        *req.headers_mut() = headers;
+        // hyper-util's errors never name the request URL (its query may
+        // carry tokens).
+        let resp = self
+            .client
+            .request(req)
             .await
-            // reqwest's message names the URL, query and all, and queries
-            // may carry tokens (`private_token=`): drop it.
-            .map_err(|e| classify_upstream(&e.without_url(), &self.route))?;
+            .map_err(|e| classify_upstream(&e, &self.route))?;
         if let Some(proxy) = &self.route.proxy {
             if is_proxy_generated_failure(resp.status(), resp.headers()) {
                 return Err(proxy_error(
@@ -348,10 +385,10 @@ mod tests {
     fn request_urls_stay_under_the_base_and_inside_the_policy() {
         let u = upstream("http://127.0.0.1:1/gitlab/").unwrap();
         let url = u
-            .request_url(&Method::GET, "/api/v4/projects/g%2Fp?ref=a%2Fb")
+            .request_uri(&Method::GET, "/api/v4/projects/g%2Fp?ref=a%2Fb")
             .unwrap();
         assert_eq!(
-            url.as_str(),
+            url.to_string(),
             "http://127.0.0.1:1/gitlab/api/v4/projects/g%2Fp?ref=a%2Fb"
         );
         for (m, t) in [
@@ -362,16 +399,14 @@ mod tests {
             ("PROPFIND", "/api/v4/x"),
         ] {
             let e = u
-                .request_url(&Method::from_bytes(m.as_bytes()).unwrap(), t)
+                .request_uri(&Method::from_bytes(m.as_bytes()).unwrap(), t)
                 .expect_err(t);
             assert_eq!(e.error, ErrorCode::BlockedByPolicy, "{t}");
         }
     }
 
-    /// What reaches the wire: the caller's percent-encoding, under the base
-    /// path.
-    #[tokio::test]
-    async fn sends_to_the_joined_url() {
+    /// A server answering one request with 204; yields the request head.
+    async fn one_request() -> (std::net::SocketAddr, tokio::task::JoinHandle<String>) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -387,12 +422,16 @@ mod tests {
             s.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
                 .await
                 .unwrap();
-            String::from_utf8_lossy(&buf)
-                .lines()
-                .next()
-                .unwrap()
-                .to_string()
+            String::from_utf8_lossy(&buf).into_owned()
         });
+        (addr, server)
+    }
+
+    /// What reaches the wire: the caller's percent-encoding, under the base
+    /// path.
+    #[tokio::test]
+    async fn sends_to_the_joined_url() {
+        let (addr, server) = one_request().await;
         let u = upstream(&format!("http://{addr}/gitlab")).unwrap();
         let resp = u
             .send(
@@ -404,9 +443,87 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(resp.status(), 204);
+        let head = server.await.unwrap();
         assert_eq!(
-            server.await.unwrap(),
+            head.lines().next().unwrap(),
             "GET /gitlab/api/v4/projects/group%2Fproject?x=1;y=%2F HTTP/1.1"
         );
+    }
+
+    /// Plain-http GitLab through the proxy: absolute form, with the proxy
+    /// URL's credentials; `--resolve` names reach the override's IP.
+    #[tokio::test]
+    async fn forwards_through_the_proxy_and_honours_resolve() {
+        crate::tls::install_default_provider();
+        let (proxy, server) = one_request().await;
+        let cfg = |base: &str, proxy: Option<String>| UpstreamConfig {
+            base_url: Url::parse(base).unwrap(),
+            extra_ca_pem: Vec::new(),
+            proxy: ProxySettings {
+                http_proxy: proxy,
+                ..ProxySettings::default()
+            },
+            connect_timeout: Duration::from_secs(5),
+            policy: Policy::default(),
+        };
+        let version = |u: Upstream, server: tokio::task::JoinHandle<String>| async move {
+            let resp = u
+                .send(Method::GET, "/api/v4/version", HeaderMap::new(), None)
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 204);
+            server.await.unwrap()
+        };
+        let u = Upstream::new(cfg(
+            "http://gitlab.invalid:8080/gitlab",
+            Some(format!("http://user:pw@{proxy}")),
+        ))
+        .unwrap();
+        let head = version(u, server).await;
+        assert!(
+            head.starts_with("GET http://gitlab.invalid:8080/gitlab/api/v4/version HTTP/1.1\r\n"),
+            "{head}"
+        );
+        // base64("user:pw")
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("proxy-authorization: basic dxnlcjpwdw=="),
+            "{head}"
+        );
+
+        let (addr, server) = one_request().await;
+        let u = Upstream::with_resolve(
+            cfg(&format!("http://gitlab.invalid:{}", addr.port()), None),
+            &[("GitLab.invalid".into(), addr.ip())],
+        )
+        .unwrap();
+        let head = version(u, server).await;
+        assert!(
+            head.starts_with("GET /api/v4/version HTTP/1.1\r\n"),
+            "{head}"
+        );
+        assert!(!head.to_ascii_lowercase().contains("proxy-authorization"));
+    }
+
+    /// Nothing listening: `upstream_unreachable`, and the message does not
+    /// carry the request's query.
+    #[tokio::test]
+    async fn refused_is_unreachable_without_the_query() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let u = upstream(&format!("http://{addr}")).unwrap();
+        let e = u
+            .send(
+                Method::GET,
+                "/api/v4/projects?private_token=testpat-query",
+                HeaderMap::new(),
+                None,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.error, ErrorCode::UpstreamUnreachable, "{}", e.message);
+        assert!(e.message.contains("refused"), "{}", e.message);
+        assert!(!e.message.contains("testpat"), "{}", e.message);
     }
 }

@@ -18,7 +18,9 @@ async fn get_json(
         .await?;
     let status = resp.status().as_u16();
     let h = resp.headers().clone();
-    let body = resp.bytes().await.unwrap_or_default();
+    let body = gitproxy_shared::upstream::collect(resp.into_body())
+        .await
+        .unwrap_or_default();
     Ok((status, h, serde_json::from_slice(&body).unwrap_or_default()))
 }
 

@@ -5,7 +5,8 @@
 //! dropped finishes the request's record (`observe::record`): metrics,
 //! `WatchTunnel` event and the one log line, saying whether the body
 //! completed.
-//! [`SyncBody`] makes a caller's request body `Sync` for the HTTP client.
+//! [`CountedBody`] counts a caller's request body on its way to GitLab
+//! (direct mode).
 
 use crate::observe::{Observer, RequestRecord};
 use crate::state::InFlightGuard;
@@ -148,27 +149,27 @@ impl<B> Drop for Logged<B> {
     }
 }
 
-/// A caller's request body made `Sync` (it is only ever polled through
-/// `&mut`), counting bytes, with a size hint fixed at creation.
-pub struct SyncBody<B> {
-    inner: sync_wrapper::SyncWrapper<B>,
+/// A caller's request body counting bytes, with a size hint fixed at
+/// creation.
+pub struct CountedBody<B> {
+    inner: B,
     hint: SizeHint,
     counted: Arc<AtomicU64>,
 }
 
-impl<B> SyncBody<B> {
+impl<B> CountedBody<B> {
     /// Wraps `inner` with its `Content-Length`, if any.
     pub fn new(inner: B, content_length: Option<u64>, counted: Arc<AtomicU64>) -> Self {
         let hint = content_length.map(SizeHint::with_exact).unwrap_or_default();
-        SyncBody {
-            inner: sync_wrapper::SyncWrapper::new(inner),
+        CountedBody {
+            inner,
             hint,
             counted,
         }
     }
 }
 
-impl<B> Body for SyncBody<B>
+impl<B> Body for CountedBody<B>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
@@ -181,7 +182,7 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        match Pin::new(this.inner.get_mut()).poll_frame(cx) {
+        match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(f))) => {
                 if let Some(d) = f.data_ref() {
                     this.counted.fetch_add(d.len() as u64, Ordering::Relaxed);

@@ -2,7 +2,7 @@
 //! directly, streaming both ways, and the answer rebuilt for the caller.
 //! Response bodies carry the body idle timeout (`gitproxy_shared::idle`).
 
-use super::body::{Finish, Guards, Logged, SyncBody};
+use super::body::{CountedBody, Finish, Guards, Logged};
 use super::credentials;
 use super::origin::{self, FrontBase};
 use super::rewrite::Rewriter;
@@ -15,6 +15,7 @@ use gitproxy_proto::v1::{Header, RequestHead};
 use gitproxy_shared::errors::{ErrorCode, GitproxyError};
 use gitproxy_shared::headers;
 use gitproxy_shared::idle::IdleTimeout;
+use gitproxy_shared::upstream::RequestBody;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body as _;
 use std::sync::atomic::AtomicU64;
@@ -226,7 +227,7 @@ pub async fn direct(
     }
     let bytes_in = Arc::new(AtomicU64::new(0));
     let body = (!body.is_end_stream())
-        .then(|| reqwest::Body::wrap(SyncBody::new(body, length, bytes_in.clone())));
+        .then(|| RequestBody::wrap(CountedBody::new(body, length, bytes_in.clone())));
     let timeout = state.config.tunnel.request_timeout;
     let resp =
         match tokio::time::timeout(timeout, upstream.send(method, &t.target, hdrs, body)).await {
@@ -251,7 +252,7 @@ pub async fn direct(
     Ok(respond(
         status,
         hdrs,
-        IdleTimeout::new(reqwest::Body::from(resp), idle, "GitLab"),
+        IdleTimeout::new(resp.into_body(), idle, "GitLab"),
         log,
         Guards {
             request: None,

@@ -11,7 +11,7 @@
 use gitproxy_shared::credentials::{
     has_credentials, is_cloud_credential_header, query_has_auth, strip_query_credentials,
 };
-use gitproxy_shared::gitlab_url::{join, parse_gitlab_url, relative_target};
+use gitproxy_shared::gitlab_url::{join, parse_gitlab_url, relative_target, JoinBase};
 use gitproxy_shared::policy::Policy;
 use gitproxy_shared::upstream::{ProxySettings, Upstream, UpstreamConfig};
 use proptest::prelude::*;
@@ -44,7 +44,8 @@ proptest! {
     fn prop_request_urls_stay_under_the_base(m in method(), t in policy_target(), i in 0usize..3) {
         let (base, up) = &bases()[i];
         let Ok(method) = http::Method::from_bytes(m.as_bytes()) else { return Ok(()) };
-        if let Ok(url) = up.request_url(&method, &t) {
+        if let Ok(uri) = up.request_uri(&method, &t) {
+            let url = Url::parse(&uri.to_string()).expect("a URI the client sends is a URL");
             prop_assert!(Policy::default().check(&m, &t).is_ok());
             let rel = relative_target(base, &url);
             prop_assert!(rel.is_some(), "{url} is outside {base}");
@@ -129,6 +130,25 @@ proptest! {
             if !t.contains([' ', '"', '<', '>', '`', '{', '}', '\'']) && !t.contains(|c: char| c.is_control()) {
                 prop_assert_eq!(rel.unwrap_or_default(), t);
             }
+        }
+    }
+
+    /// The client's cheap join (`JoinBase`) accepts, refuses and builds
+    /// exactly what `join` does (and the URI a client made of its URL).
+    #[test]
+    fn prop_join_base_agrees_with_join(s in url_candidate(), t in policy_target()) {
+        let Ok(base) = parse_gitlab_url(&s) else { return Ok(()) };
+        let old = join(&base, &t)
+            .ok()
+            .and_then(|u| u.as_str().parse::<http::Uri>().ok().map(|x| (x, u)));
+        let new = JoinBase::new(&base).map_err(TestCaseError::fail)?.join(&t).ok();
+        match (old, new) {
+            (None, None) => {}
+            (Some((uri, url)), Some((nuri, rel))) => {
+                prop_assert_eq!(&uri, &nuri, "{} + {}", base, t);
+                prop_assert_eq!(relative_target(&base, &url).unwrap_or_default(), rel);
+            }
+            (o, n) => prop_assert!(false, "{} + {}: join {:?}, JoinBase {:?}", base, t, o, n),
         }
     }
 }
