@@ -63,8 +63,10 @@ pub struct ServeArgs {
     #[arg(long, env = "GITPROXY_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
     /// Threads that serve requests (0 = one per CPU core the process may
-    /// use). Fewer threads spend less CPU per request; more use more cores.
-    #[arg(long, env = "GITPROXY_WORKER_THREADS", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=1024))]
+    /// use). One spends the least CPU per request and answers soonest (no
+    /// hand-offs between threads); a fleet scales out with replicas (cluster
+    /// mode), or one replica uses more cores with more threads.
+    #[arg(long, env = "GITPROXY_WORKER_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(0..=1024))]
     pub worker_threads: u16,
     /// How often the broker pings each agent.
     #[arg(long, env = "GITPROXY_HEARTBEAT_INTERVAL", default_value = "15s", value_parser = humantime::parse_duration)]
