@@ -240,6 +240,8 @@ impl Reader {
         let (body_tx, body_rx) = if !h.body.is_empty() {
             // A small request whole in its head (the rules bounded it).
             let whole = std::mem::take(&mut h.body);
+            // Counted as its Data frames would have been.
+            self.shared.metrics.request_bytes(whole.len());
             let flow = self.shared.cfg.flow;
             let rx = body::BodyReceiver::whole(id, whole, flow, self.shared.control.clone());
             (None, Some(rx))

@@ -192,6 +192,10 @@ async fn a_whole_body_in_the_head_and_its_violations() {
     let mut f = fake();
     assert_eq!(f.send(with_body(1, true, chunk)), Dispatch::Continue);
     assert_eq!(read_body(f.body(1)).await, Ok(vec![5u8; chunk]));
+    // Counted as its Data frames would have been.
+    let counted = format!("gitproxy_agent_request_bytes_total {chunk}");
+    let text = f.reader.shared.metrics.render();
+    assert!(text.lines().any(|l| l == counted), "{text}");
     for (id, frame) in [
         (2, with_body(2, false, 3)),
         (3, with_body(3, true, chunk + 1)),
