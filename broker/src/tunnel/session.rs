@@ -270,7 +270,9 @@ impl AgentSession {
     }
 
     /// Sends a request to the agent and waits (up to `timeout`) for the
-    /// response head. The body, if any, is pumped within the agent's credit.
+    /// response head. The body, if any, is pumped within the agent's credit,
+    /// or, when it is small, of known length and the agent offered
+    /// `inline-body-v1`, read first and sent whole in the head.
     /// Dropping the returned guard before the body ended cancels the request.
     pub async fn send_request<B>(
         self: &Arc<Self>,
