@@ -168,10 +168,13 @@ pub async fn run(ctx: SessionContext) -> Result<SessionEnd, SessionError> {
         upstream,
         tx,
         broker_flow: opened.broker_flow,
+        // The first few names only: a Welcome is peer input, as a Hello is
+        // for the broker.
         inline_bodies: opened
             .welcome
             .capabilities
             .iter()
+            .take(16)
             .any(|c| c == frames::INLINE_BODY),
         metrics: ctx.metrics.clone(),
         control,
