@@ -1,13 +1,14 @@
 //! The transport to the broker: TCP, through the corporate proxy with HTTP
-//! `CONNECT` unless `NO_PROXY` matches the broker, then TLS (rustls, public
+//! `CONNECT` unless `NO_PROXY` matches the broker (TLS to the proxy first
+//! when its URL is `https://`, as for GitLab), then TLS (rustls, public
 //! roots plus the customer's CAs) for `https://` broker URLs. The resulting
 //! byte stream is handed to tonic, which speaks HTTP/2 over it.
 
 use crate::config::AgentConfig;
 use gitproxy_proto::v1::tunnel_client::TunnelClient;
-use gitproxy_shared::errors::Chain;
+use gitproxy_shared::errors::{Chain, ProxyTlsError};
+use gitproxy_shared::upstream::ProxyDial;
 use hyper_util::client::legacy::connect::proxy::Tunnel;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use std::sync::Arc;
@@ -54,6 +55,17 @@ pub enum DialError {
         /// True when the certificate's CA is unknown.
         unknown_ca: bool,
     },
+    /// TLS with an `https://` corporate proxy failed (its certificate, not
+    /// the broker's).
+    #[error("TLS to the corporate proxy {proxy} failed: {detail}")]
+    ProxyTls {
+        /// The proxy, redacted.
+        proxy: String,
+        /// The cause.
+        detail: String,
+        /// True when the certificate's CA is unknown.
+        unknown_ca: bool,
+    },
     /// Anything else.
     #[error("cannot connect to the broker: {0}")]
     Other(String),
@@ -67,6 +79,8 @@ impl DialError {
             DialError::ProxyRefused { .. } => "The corporate proxy must allow CONNECT to the broker's host and port; check its ACLs and the proxy credentials in proxy.httpsProxy.",
             DialError::Tls { unknown_ca: true, .. } => "The broker's certificate comes from a CA the agent does not trust (x509: certificate signed by unknown authority). If a TLS-inspecting proxy or a private CA is in the way, set customCaCert (GITPROXY_CA_CERT_FILE).",
             DialError::Tls { .. } => "Check that GITPROXY_BROKER_URL uses the host name the broker's certificate was issued for.",
+            DialError::ProxyTls { unknown_ca: true, .. } => "The corporate proxy is reached over TLS (an https:// proxy URL) and its certificate comes from a CA the agent does not trust (x509: certificate signed by unknown authority): add that CA to customCaCert (GITPROXY_CA_CERT_FILE; one bundle may hold several CAs), or use the proxy's http:// URL if it has one.",
+            DialError::ProxyTls { .. } => "The agent could not speak TLS with the corporate proxy: check that proxy.httpsProxy names the proxy's TLS port and the host name its certificate was issued for, or use its http:// URL.",
             DialError::Other(_) => "Check GITPROXY_BROKER_URL.",
         }
     }
@@ -118,10 +132,11 @@ pub async fn dial_tcp(cfg: &AgentConfig) -> Result<Box<dyn Io>, DialError> {
                 Ok(Box::new(s) as Box<dyn Io>)
             }
             Some(choice) => {
-                let mut http = HttpConnector::new();
-                http.set_nodelay(true);
-                http.enforce_http(false);
-                let mut tunnel = Tunnel::new(choice.uri.clone(), http);
+                // The same hop as the GitLab client's: an https:// proxy is
+                // reached over TLS with the customer's CAs.
+                let tls = gitproxy_shared::tls::client_config(&cfg.extra_ca_pem, &[])
+                    .map_err(|e| DialError::Other(e.to_string()))?;
+                let mut tunnel = Tunnel::new(choice.uri.clone(), ProxyDial::new(tls, &cfg.resolve));
                 if let Some(auth) = choice.basic_auth.clone() {
                     tunnel = tunnel.with_auth(auth);
                 }
@@ -129,8 +144,27 @@ pub async fn dial_tcp(cfg: &AgentConfig) -> Result<Box<dyn Io>, DialError> {
                     .parse()
                     .map_err(|e| DialError::Other(format!("{e}")))?;
                 let io = tunnel.call(dst).await.map_err(|e| {
-                    let detail = Chain::new(&e).text();
-                    if detail.contains("unsuccessful") || detail.contains("tunnel") {
+                    let chain = Chain::new(&e);
+                    let detail = chain.text();
+                    if chain.find::<ProxyTlsError>().is_some() {
+                        let unknown_ca = chain.find::<rustls::Error>().is_some_and(|t| {
+                            matches!(
+                                t,
+                                rustls::Error::InvalidCertificate(
+                                    rustls::CertificateError::UnknownIssuer
+                                )
+                            )
+                        });
+                        DialError::ProxyTls {
+                            proxy: choice.display(),
+                            detail: if unknown_ca {
+                                "x509: certificate signed by unknown authority".to_string()
+                            } else {
+                                detail
+                            },
+                            unknown_ca,
+                        }
+                    } else if detail.contains("unsuccessful") || detail.contains("tunnel") {
                         DialError::ProxyRefused {
                             proxy: choice.display(),
                             addr: addr.clone(),

@@ -30,6 +30,7 @@ mod connect;
 
 use body::ClientBody;
 pub use body::{collect, content_length, next_chunk, RequestBody, Response};
+pub use connect::ProxyDial;
 
 /// Corporate proxy settings, as the environment variables give them.
 #[derive(Debug, Clone, Default)]

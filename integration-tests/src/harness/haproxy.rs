@@ -13,6 +13,9 @@
 //! A connection attempt that fails (a replica stopped or restarting) is
 //! retried on another replica at once (`option redispatch 1`), not after
 //! HAProxy's one-second turn-around on the same one.
+//!
+//! [`Haproxy::tls_front`] is the other use: a TLS terminator, which in front
+//! of tinyproxy makes an `https://` corporate proxy of real parts.
 
 use super::broker::Broker;
 use super::process::Proc;
@@ -116,13 +119,38 @@ pub fn config(mode: Mode, port: u16, backends: &[Backend]) -> String {
     c
 }
 
+/// The configuration text of a TLS terminator on `port` in front of `to`.
+pub fn tls_config(port: u16, pem: &std::path::Path, to: SocketAddr) -> String {
+    format!(
+        "global\n  log stdout format raw local0 info\n  maxconn 1000\n\n\
+         defaults\n  log global\n  mode tcp\n  option tcplog\n  timeout connect 2s\n  \
+         timeout client 1h\n  timeout server 1h\n\n\
+         frontend tls\n  bind 127.0.0.1:{port} ssl crt {}\n  default_backend plain\n\n\
+         backend plain\n  server next {to}\n",
+        pem.display()
+    )
+}
+
 impl Haproxy {
     /// Starts HAProxy in `mode` in front of `backends`.
     pub async fn start(mode: Mode, backends: &[Backend]) -> Haproxy {
-        let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
+        Haproxy::spawn(port, &config(mode, port, backends)).await
+    }
+
+    /// Starts HAProxy as a TLS terminator: TLS on its port with the
+    /// certificate and key in `pem` (one file, certificate first), plain TCP
+    /// to `to`. In front of tinyproxy it makes an `https://` corporate proxy
+    /// of real parts.
+    pub async fn tls_front(pem: &std::path::Path, to: SocketAddr) -> Haproxy {
+        let port = free_port();
+        Haproxy::spawn(port, &tls_config(port, pem, to)).await
+    }
+
+    async fn spawn(port: u16, config: &str) -> Haproxy {
+        let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("haproxy.cfg");
-        std::fs::write(&path, config(mode, port, backends)).expect("write haproxy.cfg");
+        std::fs::write(&path, config).expect("write haproxy.cfg");
         let bin = if std::path::Path::new("/usr/sbin/haproxy").exists() {
             "/usr/sbin/haproxy"
         } else {

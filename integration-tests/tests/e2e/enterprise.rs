@@ -4,6 +4,7 @@
 
 use gitproxy_integration_tests::harness::agent::Agent;
 use gitproxy_integration_tests::harness::broker::{Broker, BrokerSpec, ConnSpec};
+use gitproxy_integration_tests::harness::haproxy::Haproxy;
 use gitproxy_integration_tests::harness::pki::Ca;
 use gitproxy_integration_tests::harness::proxy::Proxy;
 use gitproxy_integration_tests::harness::{bin, client, WAIT};
@@ -23,9 +24,16 @@ const INTERNAL_HOST: &str = "gitlab.corp.test";
 /// A sandbox GitLab over HTTPS with a certificate from `ca`, one project and
 /// a valid and an expired token.
 async fn https_gitlab(ca: &Ca, dir: &Path) -> (Sandbox, u16) {
-    let leaf = ca.leaf(&[INTERNAL_HOST, "localhost", "127.0.0.1"]);
+    sandbox_gitlab(Some(ca), dir).await
+}
+
+/// The same sandbox GitLab, over HTTPS when `ca` is given, else plain HTTP.
+async fn sandbox_gitlab(ca: Option<&Ca>, dir: &Path) -> (Sandbox, u16) {
     let mut cfg = SandboxConfig::new(dir.join("gitlab"));
-    cfg.tls = Some((leaf.cert_pem.into_bytes(), leaf.key_pem.into_bytes()));
+    if let Some(ca) = ca {
+        let leaf = ca.leaf(&[INTERNAL_HOST, "localhost", "127.0.0.1"]);
+        cfg.tls = Some((leaf.cert_pem.into_bytes(), leaf.key_pem.into_bytes()));
+    }
     let (sb, addr) = Sandbox::start(cfg).await.expect("sandbox");
     let uid = sb.add_user("alice");
     sb.add_token(TokenSpec::new(
@@ -45,6 +53,16 @@ async fn https_gitlab(ca: &Ca, dir: &Path) -> (Sandbox, u16) {
             .file("docs/hello.txt", b"hello\n".to_vec()),
     );
     (sb, addr.port())
+}
+
+/// The agent's first ERROR log line whose message contains `text`.
+async fn first_error(agent: &Agent, text: &str) -> serde_json::Value {
+    agent
+        .proc
+        .wait_for_nth(1, WAIT, |v| {
+            v["level"] == "ERROR" && v["message"].as_str().unwrap_or("").contains(text)
+        })
+        .await
 }
 
 fn resolve_env() -> (&'static str, String) {
@@ -151,16 +169,7 @@ async fn agent_reaches_the_broker_through_an_authenticating_proxy() {
             ("GITPROXY_CA_CERT_FILE", ca_file.to_str().unwrap()),
         ],
     );
-    let line = refused
-        .proc
-        .wait_for_nth(1, WAIT, |v| {
-            v["level"] == "ERROR"
-                && v["message"]
-                    .as_str()
-                    .unwrap_or("")
-                    .contains("refused to CONNECT")
-        })
-        .await;
+    let line = first_error(&refused, "refused to CONNECT").await;
     assert!(line.to_string().contains("proxy"), "{line}");
 }
 
@@ -451,6 +460,195 @@ async fn check_reports_each_failure() {
         "{out}"
     );
     assert!(!out.contains(KEY) && !out.contains(TOKEN) && !out.contains(EXPIRED));
+}
+
+/// An `https://` corporate proxy of real parts: HAProxy terminating TLS
+/// (a certificate from `ca`, for `localhost`) in front of tinyproxy with
+/// basic auth. Returns tinyproxy (its log), HAProxy and the proxy URL with
+/// its credentials.
+async fn tls_proxy(ca: &Ca, dir: &Path) -> (Proxy, Haproxy, String) {
+    let tiny = Proxy::start(Some(("agent", PROXY_PASSWORD))).await;
+    let leaf = ca.leaf(&["localhost", "127.0.0.1"]);
+    let pem = dir.join("proxy.pem");
+    std::fs::write(&pem, format!("{}{}", leaf.cert_pem, leaf.key_pem)).unwrap();
+    let front = Haproxy::tls_front(&pem, format!("127.0.0.1:{}", tiny.port).parse().unwrap()).await;
+    let url = format!(
+        "https://agent:{PROXY_PASSWORD}@localhost:{}",
+        front.addr.port()
+    );
+    (tiny, front, url)
+}
+
+/// The agent dials an https broker through an `https://` corporate proxy
+/// (TLS to the proxy, `CONNECT`, TLS to the broker inside it); without the
+/// proxy's CA the error names the proxy's certificate and customCaCert.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_through_a_tls_proxy() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker_ca = Ca::new("broker CA");
+    let proxy_ca = Ca::new("Proxy CA");
+    let broker = tls_broker(&broker_ca, dir.path(), "http://127.0.0.1:9").await;
+    let (tiny, _front, proxy_url) = tls_proxy(&proxy_ca, dir.path()).await;
+    let both = dir.path().join("both.pem");
+    std::fs::write(&both, format!("{}{}", broker_ca.pem, proxy_ca.pem)).unwrap();
+    let broker_only = broker_ca.write(dir.path(), "broker-ca.pem");
+
+    let agent = Agent::start(
+        "via-tls-proxy",
+        &tls_url(&broker),
+        KEY,
+        &[
+            ("HTTPS_PROXY", &proxy_url),
+            ("GITPROXY_CA_CERT_FILE", both.to_str().unwrap()),
+        ],
+    )
+    .await;
+    let target = format!("localhost:{}", broker.agent_addr.port());
+    assert!(
+        tiny.connects_to(&target) >= 1,
+        "tinyproxy saw no CONNECT to {target} through the TLS front:\n{}",
+        tiny.proc.lines().join("\n")
+    );
+    agent.proc.assert_no_secrets(&[KEY, PROXY_PASSWORD]);
+    drop(agent);
+
+    let untrusted = Agent::spawn(
+        "tls-proxy-unknown-ca",
+        &tls_url(&broker),
+        KEY,
+        &[
+            ("HTTPS_PROXY", &proxy_url),
+            ("GITPROXY_CA_CERT_FILE", broker_only.to_str().unwrap()),
+        ],
+    );
+    let line = first_error(&untrusted, "TLS to the corporate proxy").await;
+    let message = line["message"].as_str().unwrap();
+    assert!(message.contains("unknown authority"), "{line}");
+    assert!(
+        line["hint"].as_str().unwrap().contains("customCaCert"),
+        "{line}"
+    );
+    untrusted.proc.assert_no_secrets(&[KEY, PROXY_PASSWORD]);
+}
+
+/// An `https://` corporate proxy (HAProxy terminating TLS in front of
+/// tinyproxy with basic auth): with the proxy's CA in the agent's bundle,
+/// an https GitLab is reached through `CONNECT` inside the proxy's TLS and
+/// an http GitLab through absolute-form requests; without it, the error
+/// names the proxy's certificate, not GitLab's. No password in any answer
+/// or log line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gitlab_through_a_tls_proxy() {
+    let dir = tempfile::tempdir().unwrap();
+    let gitlab_ca = Ca::new("GitLab CA");
+    let proxy_ca = Ca::new("Proxy CA");
+    let (_https_sb, https_port) = sandbox_gitlab(Some(&gitlab_ca), &dir.path().join("s")).await;
+    let (_http_sb, http_port) = sandbox_gitlab(None, &dir.path().join("p")).await;
+    let (tiny, _tls_front, proxy_url) = tls_proxy(&proxy_ca, dir.path()).await;
+    let both = dir.path().join("both.pem");
+    std::fs::write(&both, format!("{}{}", gitlab_ca.pem, proxy_ca.pem)).unwrap();
+    let gitlab_only = gitlab_ca.write(dir.path(), "gitlab-ca.pem");
+    let c = client();
+
+    for (case, gitlab, proxy_var, ca) in [
+        (
+            "https GitLab",
+            format!("https://localhost:{https_port}"),
+            "HTTPS_PROXY",
+            &both,
+        ),
+        (
+            "http GitLab",
+            format!("http://localhost:{http_port}"),
+            "HTTP_PROXY",
+            &both,
+        ),
+        (
+            "proxy CA unknown",
+            format!("https://localhost:{https_port}"),
+            "HTTPS_PROXY",
+            &gitlab_only,
+        ),
+    ] {
+        let broker = Broker::start(BrokerSpec {
+            connections: vec![ConnSpec::agent("acme", &gitlab, KEY).token(TOKEN)],
+            ..BrokerSpec::default()
+        })
+        .await;
+        let ca = ca.display().to_string();
+        let env = [
+            (proxy_var, proxy_url.as_str()),
+            ("GITPROXY_CA_CERT_FILE", ca.as_str()),
+            // The agent reaches the (plain http) broker directly.
+            ("NO_PROXY", "127.0.0.1"),
+        ];
+        let agent = Agent::start("tls-proxy-agent", &broker.agent_url(), KEY, &env).await;
+        let before = tiny.proc.lines().len();
+        let r = c
+            .get(format!(
+                "{}/api/v4/projects/corp%2Fapp",
+                broker.front("acme")
+            ))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let code = r
+            .headers()
+            .get("x-gitproxy-error")
+            .map(|v| v.to_str().unwrap().to_string());
+        let text = r.text().await.unwrap();
+        let seen: Vec<String> = tiny.proc.lines().split_off(before);
+        assert!(!text.contains(PROXY_PASSWORD), "{case}: {text}");
+        match case {
+            "https GitLab" => {
+                assert_eq!(status, 200, "{case}: {text}");
+                assert!(
+                    seen.iter()
+                        .any(|l| l.contains("CONNECT")
+                            && l.contains(&format!("localhost:{https_port}"))),
+                    "{case}: tinyproxy saw no CONNECT through the TLS front: {seen:#?}"
+                );
+            }
+            "http GitLab" => {
+                assert_eq!(status, 200, "{case}: {text}");
+                let url = format!("http://localhost:{http_port}/api/v4/projects/corp%2Fapp");
+                assert!(
+                    seen.iter().any(|l| l.contains("GET") && l.contains(&url)),
+                    "{case}: tinyproxy saw no absolute-form request for {url}: {seen:#?}"
+                );
+            }
+            _ => {
+                assert_eq!(status, 502, "{case}: {text}");
+                assert_eq!(code.as_deref(), Some("proxy_error"), "{case}: {text}");
+                let body: serde_json::Value = serde_json::from_str(&text).unwrap();
+                let (message, hint) = (
+                    body["message"].as_str().unwrap(),
+                    body["hint"].as_str().unwrap(),
+                );
+                assert!(
+                    message.contains("unknown authority") && message.contains("corporate proxy"),
+                    "{message}"
+                );
+                assert!(!message.contains("GitLab at"), "{message}");
+                assert!(hint.contains("customCaCert"), "{hint}");
+                assert!(
+                    seen.iter().all(|l| !l.contains("CONNECT")),
+                    "{case}: {seen:#?}"
+                );
+                agent
+                    .proc
+                    .wait_for_nth(1, WAIT, |v| v["error"] == "proxy_error")
+                    .await;
+            }
+        }
+        for l in agent.proc.lines() {
+            assert!(
+                !l.contains(PROXY_PASSWORD),
+                "{case}: the proxy password in a log line: {l}"
+            );
+        }
+    }
 }
 
 /// Acceptance 6: the running agent owns no listening TCP or UDP socket.

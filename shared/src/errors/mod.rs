@@ -244,6 +244,9 @@ pub fn classify_upstream(err: &(dyn StdError + 'static), route: &Route) -> Gitpr
     let chain = Chain::new(err);
     let host = &route.gitlab_host;
 
+    if chain.find::<ProxyTlsError>().is_some() {
+        return classify_proxy_tls(chain.find::<rustls::Error>(), &chain.text(), route);
+    }
     if let Some(tls) = chain.find::<rustls::Error>() {
         return classify_tls(tls, host);
     }
@@ -313,6 +316,49 @@ pub fn proxy_error(host: &str, proxy: &str, message: &str) -> GitproxyError {
     GitproxyError::new(ErrorCode::ProxyError, message.to_string()).with_hint(format!(
         "The corporate proxy ({proxy}) could not reach {bare} (Bad Gateway). GitLab inside your network must not go through the proxy: add {bare} (or its domain, or its CIDR) to proxy.noProxy (NO_PROXY)."
     ))
+}
+
+/// A TLS handshake with an `https://` corporate proxy failed (the proxy's
+/// certificate, not GitLab's: the connector marks that hop).
+#[derive(Debug, thiserror::Error)]
+#[error("TLS handshake with the corporate proxy failed")]
+pub struct ProxyTlsError(#[source] pub Box<dyn StdError + Send + Sync>);
+
+/// `proxy_error` for a failed TLS handshake with the proxy itself: the
+/// request never left for GitLab, and the fix is the agent's trust of the
+/// proxy's certificate (customCaCert) or the proxy URL's host name.
+fn classify_proxy_tls(tls: Option<&rustls::Error>, text: &str, route: &Route) -> GitproxyError {
+    use rustls::{CertificateError, Error as E};
+    let proxy = route.proxy.as_deref().unwrap_or("the corporate proxy");
+    let (what, hint) = match tls {
+        Some(E::InvalidCertificate(CertificateError::UnknownIssuer))
+        | Some(E::InvalidCertificate(CertificateError::BadSignature)) => (
+            "x509: certificate signed by unknown authority".to_string(),
+            format!("The corporate proxy ({proxy}) is reached over TLS, and its certificate comes from a CA the agent does not trust. Add that CA to customCaCert in the Helm values (--set-file customCaCert=ca.pem, or GITPROXY_CA_CERT_FILE; one bundle may hold several CAs), or use the proxy's http:// URL if it has one."),
+        ),
+        Some(E::InvalidCertificate(CertificateError::NotValidForName))
+        | Some(E::InvalidCertificate(CertificateError::NotValidForNameContext { .. })) => (
+            "x509: certificate is not valid for the proxy's host name".to_string(),
+            format!("The host name of proxy.httpsProxy ({proxy}) is not in the proxy's certificate: use the name the certificate was issued for."),
+        ),
+        Some(E::InvalidCertificate(CertificateError::Expired))
+        | Some(E::InvalidCertificate(CertificateError::ExpiredContext { .. })) => (
+            "x509: certificate has expired".to_string(),
+            format!("The corporate proxy's TLS certificate has expired ({proxy}): ask its owners to renew it."),
+        ),
+        _ => (
+            format!("TLS handshake failed: {text}"),
+            format!("The agent could not speak TLS with the corporate proxy ({proxy}). Check that proxy.httpsProxy names a TLS port when it starts with https://, or use the proxy's http:// URL."),
+        ),
+    };
+    GitproxyError::new(
+        ErrorCode::ProxyError,
+        format!(
+            "{what} (the corporate proxy {proxy}, on the way to {})",
+            route.gitlab_host
+        ),
+    )
+    .with_hint(hint)
 }
 
 fn classify_tls(tls: &rustls::Error, host: &str) -> GitproxyError {

@@ -36,6 +36,40 @@ fn unknown_ca_names_custom_ca_cert() {
 }
 
 #[test]
+fn the_proxy_certificate_is_not_called_gitlab_s() {
+    let route = Route {
+        gitlab_host: "gitlab.corp".into(),
+        proxy: Some("https://proxy.corp:3129".into()),
+    };
+    let unknown = ProxyTlsError(Box::new(std::io::Error::other(
+        rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+    )));
+    let e = classify_upstream(&unknown, &route);
+    assert_eq!(e.error, ErrorCode::ProxyError);
+    assert!(e.message.contains("unknown authority"), "{e}");
+    assert!(e.message.contains("https://proxy.corp:3129"), "{e}");
+    assert!(!e.message.contains("GitLab at"), "{e}");
+    assert!(
+        e.hint.contains("customCaCert") && e.hint.contains("proxy"),
+        "{}",
+        e.hint
+    );
+    let name = ProxyTlsError(Box::new(std::io::Error::other(
+        rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName),
+    )));
+    let e = classify_upstream(&name, &route);
+    assert_eq!(e.error, ErrorCode::ProxyError);
+    assert!(e.hint.contains("proxy.httpsProxy"), "{}", e.hint);
+    // Not TLS at all on the proxy's port.
+    let garbage = ProxyTlsError(Box::new(std::io::Error::other(
+        rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType),
+    )));
+    let e = classify_upstream(&garbage, &route);
+    assert_eq!(e.error, ErrorCode::ProxyError);
+    assert!(e.hint.contains("TLS port"), "{}", e.hint);
+}
+
+#[test]
 fn refused_tunnel_names_no_proxy() {
     let err = std::io::Error::other("unsuccessful tunnel");
     let route = Route {

@@ -18,6 +18,7 @@
 //! hyper-util's "dns error" and "tunnel error") for
 //! `errors::classify_upstream`, and never name the request URL.
 
+use crate::errors::ProxyTlsError;
 use http::{HeaderValue, Uri};
 use hyper_util::client::legacy::connect::dns::{GaiResolver, Name};
 use hyper_util::client::legacy::connect::proxy::Tunnel;
@@ -48,7 +49,7 @@ enum Route {
     /// `CONNECT` through the proxy (https GitLab), then TLS to GitLab.
     Tunnel(Tunnel<Dial>),
     /// Every connection to the proxy itself (http GitLab).
-    Forward(Uri),
+    Forward(Uri, Dial),
 }
 
 /// The client's connector (a `tower::Service<Uri>`).
@@ -70,26 +71,21 @@ impl Connector {
         https: bool,
         timeout: Duration,
     ) -> Self {
-        let mut tcp = HttpConnector::new_with_resolver(StaticResolver {
-            overrides: resolve.into(),
-            gai: GaiResolver::new(),
-        });
-        tcp.enforce_http(false);
-        tcp.set_nodelay(true);
-        let dial = Dial {
-            tcp,
-            tls: TlsConnector::from(Arc::new(tls)),
+        let dial = Dial::new(tls, resolve, false);
+        let to_proxy = Dial {
+            to_proxy: true,
+            ..dial.clone()
         };
         let route = match proxy {
             None => Route::Direct,
             Some((uri, auth)) if https => {
-                let mut tunnel = Tunnel::new(uri, dial.clone());
+                let mut tunnel = Tunnel::new(uri, to_proxy);
                 if let Some(auth) = auth {
                     tunnel = tunnel.with_auth(auth);
                 }
                 Route::Tunnel(tunnel)
             }
-            Some((uri, _)) => Route::Forward(uri),
+            Some((uri, _)) => Route::Forward(uri, to_proxy),
         };
         Connector {
             dial,
@@ -111,10 +107,7 @@ impl Service<Uri> for Connector {
     fn call(&mut self, dst: Uri) -> Connecting {
         let timeout = self.timeout;
         let connect: Connecting = match &self.route {
-            Route::Direct => {
-                let f = self.dial.call(dst);
-                Box::pin(async move { Ok(Conn::new(f.await?.into_inner(), false)) })
-            }
+            Route::Direct => self.dial.conn(dst, false),
             Route::Tunnel(t) => {
                 let f = t.clone().call(dst.clone());
                 let tls = self.dial.tls.clone();
@@ -123,10 +116,7 @@ impl Service<Uri> for Connector {
                     Ok(Conn::new(handshake(&tls, &dst, tunnel).await?, false))
                 })
             }
-            Route::Forward(proxy) => {
-                let f = self.dial.call(proxy.clone());
-                Box::pin(async move { Ok(Conn::new(f.await?.into_inner(), true)) })
-            }
+            Route::Forward(proxy, dial) => dial.clone().conn(proxy.clone(), true),
         };
         Box::pin(async move {
             match tokio::time::timeout(timeout, connect).await {
@@ -149,9 +139,64 @@ impl Service<Uri> for Connector {
 struct Dial {
     tcp: HttpConnector<StaticResolver>,
     tls: TlsConnector,
+    /// This hop is the corporate proxy: a failed TLS handshake is the
+    /// proxy's ([`ProxyTlsError`]), so the error names the proxy's
+    /// certificate, not GitLab's.
+    to_proxy: bool,
 }
 
 type Dialing = Pin<Box<dyn Future<Output = Result<TokioIo<Stream>, BoxError>> + Send>>;
+
+impl Dial {
+    fn new(tls: rustls::ClientConfig, resolve: &[(String, IpAddr)], to_proxy: bool) -> Self {
+        let mut tcp = HttpConnector::new_with_resolver(StaticResolver {
+            overrides: resolve.into(),
+            gai: GaiResolver::new(),
+        });
+        tcp.enforce_http(false);
+        tcp.set_nodelay(true);
+        Dial {
+            tcp,
+            tls: TlsConnector::from(Arc::new(tls)),
+            to_proxy,
+        }
+    }
+
+    /// A connection to `dst` as hyper sees it (`proxied`: see [`Conn`]).
+    fn conn(&mut self, dst: Uri, proxied: bool) -> Connecting {
+        let f = self.call(dst);
+        Box::pin(async move { Ok(Conn::new(f.await?.into_inner(), proxied)) })
+    }
+}
+
+/// The hop to the corporate proxy for a client other than GitLab's (the
+/// agent's dial to the broker), for hyper-util's `Tunnel`: TCP with the
+/// `--resolve` overrides, then TLS when the proxy URL is `https://`, a
+/// failed handshake marked [`ProxyTlsError`]. The same hop as the GitLab
+/// client's, so one `HTTPS_PROXY` means the same thing for both.
+#[derive(Clone)]
+pub struct ProxyDial(Dial);
+
+impl ProxyDial {
+    /// `tls`: the trust for an https proxy (the customer's CAs; no ALPN).
+    pub fn new(tls: rustls::ClientConfig, resolve: &[(String, IpAddr)]) -> Self {
+        ProxyDial(Dial::new(tls, resolve, true))
+    }
+}
+
+impl Service<Uri> for ProxyDial {
+    type Response = TokioIo<Conn>;
+    type Error = BoxError;
+    type Future = Connecting;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, dst: Uri) -> Connecting {
+        self.0.conn(dst, false)
+    }
+}
 
 impl Service<Uri> for Dial {
     type Response = TokioIo<Stream>;
@@ -165,12 +210,17 @@ impl Service<Uri> for Dial {
     fn call(&mut self, dst: Uri) -> Dialing {
         let tcp = self.tcp.call(dst.clone());
         let tls = self.tls.clone();
+        let to_proxy = self.to_proxy;
         Box::pin(async move {
             let tcp: Stream = Box::new(tcp.await?.into_inner());
             if dst.scheme() != Some(&http::uri::Scheme::HTTPS) {
                 return Ok(TokioIo::new(tcp));
             }
-            Ok(TokioIo::new(handshake(&tls, &dst, tcp).await?))
+            match handshake(&tls, &dst, tcp).await {
+                Ok(tls) => Ok(TokioIo::new(tls)),
+                Err(e) if to_proxy => Err(Box::new(ProxyTlsError(e)) as BoxError),
+                Err(e) => Err(e),
+            }
         })
     }
 }
