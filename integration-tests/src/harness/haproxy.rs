@@ -86,11 +86,8 @@ fn free_port() -> u16 {
 
 /// The configuration text for `mode` and `backends` on `port`.
 pub fn config(mode: Mode, port: u16, backends: &[Backend]) -> String {
-    let mut c = String::from(
-        "global\n  log stdout format raw local0 info\n  maxconn 4000\n\n\
-         defaults\n  log global\n  timeout connect 2s\n  timeout client 1h\n  timeout server 1h\n  \
-         timeout check 1s\n  retries 3\n  option redispatch 1\n",
-    );
+    let mut c = preamble(4000);
+    c.push_str("  timeout check 1s\n  retries 3\n  option redispatch 1\n");
     match mode {
         Mode::Tcp => c.push_str("  mode tcp\n  option tcplog\n"),
         Mode::Http => c.push_str(
@@ -121,13 +118,22 @@ pub fn config(mode: Mode, port: u16, backends: &[Backend]) -> String {
 
 /// The configuration text of a TLS terminator on `port` in front of `to`.
 pub fn tls_config(port: u16, pem: &std::path::Path, to: SocketAddr) -> String {
-    format!(
-        "global\n  log stdout format raw local0 info\n  maxconn 1000\n\n\
-         defaults\n  log global\n  mode tcp\n  option tcplog\n  timeout connect 2s\n  \
-         timeout client 1h\n  timeout server 1h\n\n\
+    let mut c = preamble(1000);
+    c.push_str(&format!(
+        "  mode tcp\n  option tcplog\n\n\
          frontend tls\n  bind 127.0.0.1:{port} ssl crt {}\n  default_backend plain\n\n\
          backend plain\n  server next {to}\n",
         pem.display()
+    ));
+    c
+}
+
+/// `global` (log to stdout, where the test reads it) and the start of
+/// `defaults` shared by both uses: timeouts long enough for bulk transfers.
+fn preamble(maxconn: u32) -> String {
+    format!(
+        "global\n  log stdout format raw local0 info\n  maxconn {maxconn}\n\n\
+         defaults\n  log global\n  timeout connect 2s\n  timeout client 1h\n  timeout server 1h\n"
     )
 }
 

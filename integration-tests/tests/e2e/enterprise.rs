@@ -55,6 +55,15 @@ async fn sandbox_gitlab(ca: Option<&Ca>, dir: &Path) -> (Sandbox, u16) {
     (sb, addr.port())
 }
 
+/// The agent's environment for dialling through `proxy` (an `HTTPS_PROXY`
+/// URL), trusting the CA bundle at `ca`.
+fn via_proxy<'a>(proxy: &'a str, ca: &'a Path) -> [(&'static str, &'a str); 2] {
+    [
+        ("HTTPS_PROXY", proxy),
+        ("GITPROXY_CA_CERT_FILE", ca.to_str().expect("UTF-8 path")),
+    ]
+}
+
 /// The agent's first ERROR log line whose message contains `text`.
 async fn first_error(agent: &Agent, text: &str) -> serde_json::Value {
     agent
@@ -63,6 +72,14 @@ async fn first_error(agent: &Agent, text: &str) -> serde_json::Value {
             v["level"] == "ERROR" && v["message"].as_str().unwrap_or("").contains(text)
         })
         .await
+}
+
+/// The sandbox project every test reads.
+const PROJECT: &str = "/api/v4/projects/corp%2Fapp";
+
+/// [`PROJECT`] through `broker`'s front door (connection `acme`).
+fn project_url(broker: &Broker) -> String {
+    format!("{}{PROJECT}", broker.front("acme"))
 }
 
 fn resolve_env() -> (&'static str, String) {
@@ -144,18 +161,16 @@ async fn agent_reaches_the_broker_through_an_authenticating_proxy() {
         "via-proxy",
         &tls_url(&broker),
         KEY,
-        &[
-            ("HTTPS_PROXY", &proxy.url()),
-            ("GITPROXY_CA_CERT_FILE", ca_file.to_str().unwrap()),
-        ],
+        &via_proxy(&proxy.url(), &ca_file),
     )
     .await;
+    // The CONNECT was logged before the agent connected; the log is read
+    // concurrently, so wait for the line rather than peek.
     let target = format!("localhost:{}", broker.agent_addr.port());
-    assert!(
-        proxy.connects_to(&target) >= 1,
-        "the proxy log shows no CONNECT to {target}:\n{}",
-        proxy.proc.lines().join("\n")
-    );
+    proxy
+        .proc
+        .wait_for_text(&format!("CONNECT {target}"), WAIT)
+        .await;
     agent.proc.assert_no_secrets(&[KEY, PROXY_PASSWORD]);
 
     // Without credentials the proxy refuses the CONNECT: a clear error.
@@ -164,10 +179,7 @@ async fn agent_reaches_the_broker_through_an_authenticating_proxy() {
         "no-proxy-auth",
         &tls_url(&broker),
         KEY,
-        &[
-            ("HTTPS_PROXY", &anon),
-            ("GITPROXY_CA_CERT_FILE", ca_file.to_str().unwrap()),
-        ],
+        &via_proxy(&anon, &ca_file),
     );
     let line = first_error(&refused, "refused to CONNECT").await;
     assert!(line.to_string().contains("proxy"), "{line}");
@@ -187,7 +199,7 @@ async fn gitlab_tls_needs_the_custom_ca() {
     })
     .await;
     let c = client();
-    let url = format!("{}/api/v4/projects/corp%2Fapp", broker.front("acme"));
+    let url = project_url(&broker);
     {
         let _agent = Agent::start("no-gitlab-ca", &broker.agent_url(), KEY, &[]).await;
         let r = c.get(&url).send().await.unwrap();
@@ -278,14 +290,7 @@ async fn bad_gateway_from_the_proxy_names_no_proxy() {
         let env_ref: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let agent = Agent::start("agent", &broker.agent_url(), KEY, &env_ref).await;
         let before = proxy.connects_to(&format!("{gitlab_host}:{port}"));
-        let r = c
-            .get(format!(
-                "{}/api/v4/projects/corp%2Fapp",
-                broker.front("acme")
-            ))
-            .send()
-            .await
-            .unwrap();
+        let r = c.get(project_url(&broker)).send().await.unwrap();
         let status = r.status();
         let headers = r.headers().clone();
         let body: serde_json::Value =
@@ -503,10 +508,7 @@ async fn broker_through_a_tls_proxy() {
         "via-tls-proxy",
         &tls_url(&broker),
         KEY,
-        &[
-            ("HTTPS_PROXY", &proxy_url),
-            ("GITPROXY_CA_CERT_FILE", both.to_str().unwrap()),
-        ],
+        &via_proxy(&proxy_url, &both),
     )
     .await;
     let target = format!("localhost:{}", broker.agent_addr.port());
@@ -520,10 +522,7 @@ async fn broker_through_a_tls_proxy() {
         "tls-proxy-unknown-ca",
         &tls_url(&broker),
         KEY,
-        &[
-            ("HTTPS_PROXY", &proxy_url),
-            ("GITPROXY_CA_CERT_FILE", broker_only.to_str().unwrap()),
-        ],
+        &via_proxy(&proxy_url, &broker_only),
     );
     let line = first_error(&untrusted, "TLS to the corporate proxy").await;
     let message = line["message"].as_str().unwrap();
@@ -588,14 +587,7 @@ async fn gitlab_through_a_tls_proxy() {
         ];
         let agent = Agent::start("tls-proxy-agent", &broker.agent_url(), KEY, &env).await;
         let before = tiny.proc.lines().len();
-        let r = c
-            .get(format!(
-                "{}/api/v4/projects/corp%2Fapp",
-                broker.front("acme")
-            ))
-            .send()
-            .await
-            .unwrap();
+        let r = c.get(project_url(&broker)).send().await.unwrap();
         let status = r.status();
         let code = r
             .headers()
@@ -615,7 +607,7 @@ async fn gitlab_through_a_tls_proxy() {
             }
             "http GitLab" => {
                 assert_eq!(status, 200, "{case}: {text}");
-                let url = format!("http://localhost:{http_port}/api/v4/projects/corp%2Fapp");
+                let url = format!("http://localhost:{http_port}{PROJECT}");
                 tiny.proc.wait_for_text(&format!("GET {url}"), WAIT).await;
             }
             _ => {
