@@ -205,12 +205,21 @@ pub async fn run(
             cluster.clone(),
             peer,
             limits.clone(),
+            router.clone(),
         )?),
         _ => None,
     };
+    // Cluster mode: HTTP/1.1 connections whose requests go to another
+    // replica are relayed there whole (`cluster::relay`).
+    let relay = match &state.cluster {
+        Some(c) => crate::listener::api::Relay::Out(Arc::new(
+            crate::cluster::relay::Outbound::new(state.clone(), c.clone()),
+        )),
+        None => crate::listener::api::Relay::Off,
+    };
     crate::listener::api::serve(
         Acceptor::new(listeners.api, "api", limits.max_api_connections, None),
-        router,
+        (router, relay),
         api_tls,
         limits,
         shutdown.clone(),
@@ -331,6 +340,7 @@ fn start_cluster(
     cluster: Arc<crate::cluster::Cluster>,
     peer: TcpListener,
     limits: crate::config::ListenerSettings,
+    api_router: axum::Router,
 ) -> anyhow::Result<ClusterTasks> {
     use crate::cluster::peer;
     let peer_addr = peer.local_addr()?;
@@ -348,7 +358,13 @@ fn start_cluster(
             .follow_changes(registry_stop.clone()),
     );
     let peer_stop = CancellationToken::new();
-    let router = peer::server::router(state.clone(), cluster.settings.peer_secret.clone());
+    let gate = peer::server::Gate::new(cluster.settings.peer_secret.clone());
+    let router = peer::server::router(state.clone(), gate.clone());
+    let relay = crate::listener::api::Relay::In(Arc::new(crate::cluster::relay::Inbound::new(
+        gate,
+        api_router,
+        Some(state.observer.clone()),
+    )));
     let profile = crate::listener::api::Profile {
         name: "peer",
         stream_window: peer::STREAM_WINDOW,
@@ -359,7 +375,7 @@ fn start_cluster(
     let peer_task = tokio::spawn(crate::listener::api::serve_as(
         profile,
         Acceptor::new(peer, "peer", peer::MAX_PEER_CONNECTIONS, None),
-        router,
+        (router, relay),
         None,
         limits,
         peer_stop.clone(),

@@ -13,10 +13,14 @@
 //! - [`peer`]: the authenticated channel between replicas: the peer
 //!   listener and the pooled client the front door forwards through
 //!   (routing itself: `crate::frontdoor::route`).
+//! - [`relay`]: an HTTP/1.1 caller's connection relayed whole to the
+//!   replica holding the agent, following message boundaries (the cheap
+//!   path; per-request forwarding remains for HTTP/2 and edge cases).
 
 pub mod peer;
 pub mod redis;
 pub mod registry;
+pub mod relay;
 
 use crate::config::cluster::ClusterSettings;
 use std::net::SocketAddr;

@@ -112,7 +112,7 @@ async fn forward_request(
     rec.seq = state
         .observer
         .request_started(&conn.id, &rec.method, &rec.path);
-    if from_peer.is_some() {
+    if from_peer.is_some() || req.extensions().get::<origin::Relayed>().is_some() {
         state.observer.forwarded(&conn.id, "in");
     }
     if let Err(reason) = state.config.policy.check(req.method().as_str(), &t.target) {

@@ -37,6 +37,19 @@ pub struct FromPeer {
     pub base: String,
 }
 
+/// Marks a request of a caller connection another replica relayed here
+/// whole (cluster mode, `cluster::relay`): served as if the caller had
+/// connected here, counted as forwarded in.
+#[derive(Debug, Clone)]
+pub struct Relayed(pub std::sync::Arc<str>);
+
+/// Marks a request that was relayed to replica `0`, which went away
+/// before answering it, and is now served here (`cluster::relay`): the
+/// per-request path counts that replica as tried and the request as lost
+/// once, as if it had forwarded it there itself.
+#[derive(Debug, Clone)]
+pub struct LostAt(pub std::sync::Arc<str>);
+
 /// The front-door base of a request, computed once when it arrives.
 #[derive(Debug, Clone)]
 pub struct FrontBase(pub String);

@@ -119,6 +119,15 @@ fn not_connected(conn: &str) -> GitproxyError {
     )
 }
 
+/// The answer when the replica holding the agent went away after taking
+/// the request.
+fn lost_at(replica: &str) -> GitproxyError {
+    GitproxyError::new(
+        ErrorCode::AgentDisconnected,
+        format!("the broker replica holding the agent ({replica}) went away before answering this request"),
+    )
+}
+
 /// Reads the gitproxy error a peer answered with (`X-Gitproxy-Error`).
 async fn peer_error(resp: Response<Incoming>, replica: &str) -> GitproxyError {
     let code = resp
@@ -202,6 +211,13 @@ pub async fn forward(
     let mut tried: Vec<String> = Vec::new();
     let mut last: Option<GitproxyError> = None;
     let mut lost_once = false;
+    // Relayed to a replica that went away before answering, and sent again
+    // here (`cluster::relay`): that was this request's first attempt.
+    if let Some(lost) = parts.extensions.get::<origin::LostAt>() {
+        tried.push(lost.0.to_string());
+        lost_once = true;
+        last = Some(lost_at(&lost.0));
+    }
     for attempt in 0..MAX_ATTEMPTS {
         if attempt > 0 {
             // The agent may have moved here meanwhile (rolling restart).
@@ -275,13 +291,7 @@ pub async fn forward(
             }
             Err(e @ PeerError::Lost { .. }) => {
                 debug!(connection = %conn.id, replica = %target.replica, "{e}");
-                let err = GitproxyError::new(
-                    ErrorCode::AgentDisconnected,
-                    format!(
-                        "the broker replica holding the agent ({}) went away before answering this request",
-                        target.replica
-                    ),
-                );
+                let err = lost_at(&target.replica);
                 if bodyless_idempotent && !lost_once {
                     lost_once = true;
                     last = Some(err);

@@ -73,9 +73,25 @@ impl Profile {
     };
 }
 
+/// What a listener does with an HTTP/1.1 connection before hyper sees it
+/// (cluster mode, `crate::cluster::relay`).
+#[derive(Clone, Default)]
+pub enum Relay {
+    /// Nothing: hyper serves every connection.
+    #[default]
+    Off,
+    /// The api listener: a connection whose first request goes to another
+    /// replica is relayed there.
+    Out(Arc<crate::cluster::relay::Outbound>),
+    /// The peer listener: connections other replicas relay are served by
+    /// the api router.
+    In(Arc<crate::cluster::relay::Inbound>),
+}
+
 struct Shared {
     name: &'static str,
     router: axum::Router,
+    relay: Relay,
     tls: Option<TlsAcceptor>,
     settings: ListenerSettings,
     h1: http1::Builder,
@@ -86,7 +102,7 @@ struct Shared {
 /// for at most `grace`.
 pub async fn serve(
     acceptor: Acceptor,
-    router: axum::Router,
+    (router, relay): (axum::Router, Relay),
     tls: Option<TlsAcceptor>,
     settings: ListenerSettings,
     shutdown: CancellationToken,
@@ -95,7 +111,7 @@ pub async fn serve(
     serve_as(
         Profile::API,
         acceptor,
-        router,
+        (router, relay),
         tls,
         settings,
         shutdown,
@@ -109,7 +125,7 @@ pub async fn serve(
 pub async fn serve_as(
     profile: Profile,
     mut acceptor: Acceptor,
-    router: axum::Router,
+    (router, relay): (axum::Router, Relay),
     tls: Option<TlsAcceptor>,
     settings: ListenerSettings,
     shutdown: CancellationToken,
@@ -139,6 +155,7 @@ pub async fn serve_as(
     let shared = Arc::new(Shared {
         name: profile.name,
         router,
+        relay,
         tls,
         settings,
         h1,
@@ -171,28 +188,84 @@ async fn serve_connection(shared: Arc<Shared>, accepted: Accepted, shutdown: Can
     } = accepted;
     let s = &shared.settings;
     let deadline = Instant::now() + s.handshake_timeout;
-    let (protocol, io) = match handshake(stream, shared.tls.as_ref(), deadline).await {
+    let (protocol, mut io) = match handshake(stream, shared.tls.as_ref(), deadline).await {
         Ok(x) => x,
         Err(e) => {
             debug!(listener = shared.name, peer = %peer, "connection closed before its first request: {e}");
             return;
         }
     };
+    let mut router = shared.router.clone();
+    // Who the caller is: the TCP peer, or the caller of a relayed connection.
+    let mut client = peer;
+    let mut relayed: Option<Arc<str>> = None;
+    let mut replayed = None;
+    if protocol == Protocol::Http1 {
+        use crate::cluster::relay::{inbound::Opened, outbound::Ending};
+        match &shared.relay {
+            Relay::Off => {}
+            Relay::Out(out) => {
+                let timeouts = crate::cluster::relay::outbound::Timeouts {
+                    header: s.header_read_timeout,
+                    idle: s.idle_timeout,
+                };
+                match out.serve(io, peer, timeouts, &shutdown).await {
+                    Ending::Closed => return,
+                    Ending::Local(pre, back, again) => {
+                        io = back;
+                        io.prepend(pre);
+                        replayed = again;
+                    }
+                }
+            }
+            Relay::In(inbound) => match inbound.open(&mut io, peer, deadline).await {
+                (Opened::Peer, pre) => io.prepend(pre),
+                (Opened::Relayed { from, client: c }, pre) => {
+                    io.prepend(pre);
+                    client = c;
+                    router = inbound.api_router().clone();
+                    relayed = Some(from);
+                }
+                (Opened::Refused, _) => return,
+            },
+        }
+    }
+    // A relayed connection: the relaying replica closes it when idle.
+    let idle_timeout = match relayed {
+        Some(_) => s.idle_timeout + crate::cluster::relay::PEER_IDLE_MARGIN,
+        None => s.idle_timeout,
+    };
     let watch = ConnWatch::new(
         protocol == Protocol::Http1,
-        s.idle_timeout,
+        idle_timeout,
         s.header_read_timeout,
     );
-    let router = shared.router.clone();
+    // The first requests served here after a relay's peer went away are
+    // those it had taken (`cluster::relay::outbound::Replayed`).
+    let lost = replayed.map(|r| (r.replica, std::sync::atomic::AtomicUsize::new(r.requests)));
     let svc = {
         let watch = watch.clone();
         hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
+            if let Some((replica, left)) = &lost {
+                use std::sync::atomic::Ordering::Relaxed;
+                if left
+                    .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    req.extensions_mut()
+                        .insert(crate::frontdoor::origin::LostAt(replica.clone()));
+                }
+            }
             let guard = watch.request_started();
             let router = router.clone();
             // The peer travels with each request: X-Forwarded-* are believed
             // only from trusted proxies (frontdoor::origin).
             req.extensions_mut()
-                .insert(crate::frontdoor::origin::PeerAddr(peer));
+                .insert(crate::frontdoor::origin::PeerAddr(client));
+            if let Some(from) = &relayed {
+                req.extensions_mut()
+                    .insert(crate::frontdoor::origin::Relayed(from.clone()));
+            }
             async move {
                 let resp = match router.oneshot(req).await {
                     Ok(r) => r,

@@ -124,6 +124,22 @@ impl<IO> Rewind<IO> {
     pub fn new(pre: Bytes, inner: IO) -> Self {
         Rewind { pre, inner }
     }
+
+    /// Puts `front` before what is left to replay (bytes a reader took from
+    /// this stream and gives back).
+    pub fn prepend(&mut self, front: Bytes) {
+        if front.is_empty() {
+            return;
+        }
+        self.pre = if self.pre.is_empty() {
+            front
+        } else {
+            let mut b = BytesMut::with_capacity(front.len() + self.pre.len());
+            b.extend_from_slice(&front);
+            b.extend_from_slice(&self.pre);
+            b.freeze()
+        };
+    }
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for Rewind<IO> {

@@ -58,6 +58,11 @@ struct DirectionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RelayLabels {
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModeLabels {
     connection: String,
     mode: &'static str,
@@ -111,6 +116,7 @@ pub struct Metrics {
     requests: Family<StatusLabels, Counter>,
     errors: Family<CodeLabels, Counter>,
     forwarded: Family<DirectionLabels, Counter>,
+    relayed: Family<RelayLabels, Counter>,
     /// The families of [`RequestRecord::counters`], in its order.
     record: Vec<ConnCounters>,
     latency: LatencyFamily,
@@ -153,6 +159,7 @@ impl Metrics {
             requests: Family::default(),
             errors: Family::default(),
             forwarded: Family::default(),
+            relayed: Family::default(),
             record: RequestRecord::counters()
                 .iter()
                 .map(|_| Family::default())
@@ -205,6 +212,11 @@ impl Metrics {
             "gitproxy_forwarded_requests",
             "Cluster mode: front-door requests sent to the replica holding the agent (out) and received from another replica (in), per connection",
             self.forwarded.clone(),
+        );
+        r.register(
+            "gitproxy_relayed_connections",
+            "Cluster mode: HTTP/1.1 caller connections relayed whole to the replica holding the agent (out) and received from another replica (in)",
+            self.relayed.clone(),
         );
         self
     }
@@ -266,6 +278,17 @@ impl Metrics {
             }
         });
         s.latency.observe(r.started.elapsed().as_secs_f64());
+    }
+
+    /// Cluster mode: a caller connection was relayed `"out"` to another
+    /// replica or came `"in"` from one. Both directions appear from the first.
+    pub fn relayed(&self, direction: &'static str) {
+        for d in ["out", "in"] {
+            let c = self.relayed.get_or_create(&RelayLabels { direction: d });
+            if d == direction {
+                c.inc();
+            }
+        }
     }
 
     /// Cluster mode: a request of `conn` went `"out"` to another replica

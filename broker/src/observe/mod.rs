@@ -129,6 +129,12 @@ impl Observer {
         self.metrics.forwarded(connection, direction);
     }
 
+    /// Cluster mode: a caller connection was relayed whole to another
+    /// replica (`"out"`) or received from one (`"in"`).
+    pub fn relayed(&self, direction: &'static str) {
+        self.metrics.relayed(direction);
+    }
+
     /// An agent stream of `connection` ended.
     pub fn agent_disconnected(&self, connection: &str, instance: &str, reason: &str) {
         self.metrics.series(connection).agent_disconnects.inc();

@@ -181,7 +181,10 @@ async fn try_spawn(
             "GITPROXY_LOG_FORMAT",
             if opts.text_log { "text" } else { "json" },
         )
-        .env("RUST_LOG", "info")
+        .env(
+            "RUST_LOG",
+            std::env::var("GITPROXY_TEST_BROKER_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .env_remove("HTTPS_PROXY")
         .env_remove("HTTP_PROXY")
         .env_remove("https_proxy")

@@ -9,6 +9,7 @@ mod bench_smoke;
 mod body_idle;
 mod cluster_forwarding;
 mod cluster_gitlab;
+mod cluster_relay;
 mod cluster_rolling;
 mod cluster_store;
 mod console;

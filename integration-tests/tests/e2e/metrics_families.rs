@@ -114,6 +114,8 @@ const GOLDEN_CLUSTER: &[&str] = &[
     "counter gitproxy_forwarded_requests_total{connection=\"acme\",direction=\"in\"}",
     "counter gitproxy_forwarded_requests_total{connection=\"acme\",direction=\"out\"}",
     "counter gitproxy_registry_commands_total{}",
+    "counter gitproxy_relayed_connections_total{direction=\"in\"}",
+    "counter gitproxy_relayed_connections_total{direction=\"out\"}",
     "counter gitproxy_registry_errors_total{}",
     "gauge gitproxy_registry_streams{}",
     "gauge gitproxy_registry_up{}",

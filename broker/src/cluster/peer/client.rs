@@ -137,7 +137,7 @@ impl PeerClient {
         }
     }
 
-    fn recently_failed(&self, addr: &str) -> Option<String> {
+    pub(crate) fn recently_failed(&self, addr: &str) -> Option<String> {
         let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
         match failed.get(addr) {
             Some((at, why)) if at.elapsed() < REDIAL_AFTER => Some(why.clone()),
@@ -149,7 +149,7 @@ impl PeerClient {
         }
     }
 
-    fn remember_failure(&self, addr: &str, why: &str) {
+    pub(crate) fn remember_failure(&self, addr: &str, why: &str) {
         let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
         if failed.len() >= MAX_PEERS {
             failed.retain(|_, (at, _)| at.elapsed() < REDIAL_AFTER);

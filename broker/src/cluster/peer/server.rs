@@ -20,6 +20,7 @@ use gitproxy_shared::log_limit::{EpisodeLog, Report};
 use gitproxy_shared::secret::ct_eq;
 use gitproxy_shared::Secret;
 use http::{Request, Response};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
@@ -32,28 +33,44 @@ const MAX_BASE_BYTES: usize = 2048;
 /// What the peer listener's handler needs.
 pub struct PeerServer {
     state: Arc<AppState>,
+    gate: Arc<Gate>,
+}
+
+/// The peer listener's door: the shared secret, and the log of refusals
+/// (its HTTP requests and relayed connections share both).
+pub struct Gate {
     secret: Secret,
     refusals: Mutex<EpisodeLog>,
 }
 
 /// The peer listener's service.
-pub fn router(state: Arc<AppState>, secret: Secret) -> axum::Router {
-    let s = Arc::new(PeerServer {
-        state,
-        secret,
-        refusals: Mutex::new(EpisodeLog::new(REFUSALS_LOG_EVERY)),
-    });
+pub fn router(state: Arc<AppState>, gate: Arc<Gate>) -> axum::Router {
+    let s = Arc::new(PeerServer { state, gate });
     axum::Router::new().fallback(handle).with_state(s)
 }
 
-impl PeerServer {
-    fn refused(&self, peer: Option<PeerAddr>, why: &'static str) {
+impl Gate {
+    /// The door for `secret`.
+    pub fn new(secret: Secret) -> Arc<Self> {
+        Arc::new(Gate {
+            secret,
+            refusals: Mutex::new(EpisodeLog::new(REFUSALS_LOG_EVERY)),
+        })
+    }
+
+    /// Whether `presented` is the shared secret (constant time).
+    pub fn admits(&self, presented: &[u8]) -> bool {
+        ct_eq(presented, self.secret.expose().as_bytes())
+    }
+
+    /// Logs a refusal (once per episode, then a summary at most every 10 s).
+    pub fn refused(&self, peer: Option<SocketAddr>, why: &'static str) {
         let report = self
             .refusals
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .failure(Instant::now());
-        let peer = peer.map(|p| p.0.to_string()).unwrap_or_default();
+        let peer = peer.map(|p| p.to_string()).unwrap_or_default();
         match report {
             Report::Started => warn!(
                 listener = "peer",
@@ -76,7 +93,8 @@ impl PeerServer {
         }
     }
 
-    fn accepted(&self) {
+    /// Ends an episode of refusals.
+    pub fn accepted(&self) {
         let ended = self
             .refusals
             .lock()
@@ -94,7 +112,7 @@ impl PeerServer {
 }
 
 /// A replica id as a peer names itself, if it looks like one.
-fn replica_name(v: Option<&http::HeaderValue>) -> String {
+pub fn replica_name(v: Option<&http::HeaderValue>) -> String {
     v.and_then(|v| v.to_str().ok())
         .filter(|s| {
             (1..=64).contains(&s.len())
@@ -119,10 +137,10 @@ fn front_base(v: Option<&http::HeaderValue>) -> Option<String> {
 async fn handle(State(ps): State<Arc<PeerServer>>, mut req: Request<Body>) -> Response<Body> {
     let peer = req.extensions().get::<PeerAddr>().copied();
     let presented = req.headers().get(AUTH_HEADER);
-    let ok = presented.is_some_and(|v| ct_eq(v.as_bytes(), ps.secret.expose().as_bytes()));
+    let ok = presented.is_some_and(|v| ps.gate.admits(v.as_bytes()));
     if !ok {
-        ps.refused(
-            peer,
+        ps.gate.refused(
+            peer.map(|p| p.0),
             if presented.is_some() {
                 "wrong peer secret"
             } else {
@@ -134,7 +152,7 @@ async fn handle(State(ps): State<Arc<PeerServer>>, mut req: Request<Body>) -> Re
             "this listener serves gitproxy replicas only",
         ));
     }
-    ps.accepted();
+    ps.gate.accepted();
     if !req.uri().path().starts_with("/gitlab/") {
         return error_response(&GitproxyError::new(
             ErrorCode::UnknownConnection,
