@@ -254,6 +254,17 @@ impl Metrics {
 
     /// A front-door request ended: its status class, error code, the
     /// record's counters and its latency.
+    /// Cluster mode: a request of `conn` this replica relayed to another
+    /// one was answered `status` (counted with the requests it served).
+    pub fn relayed_request(&self, conn: &str, status: u16) {
+        self.requests
+            .get_or_create(&StatusLabels {
+                connection: conn.to_string(),
+                status_class: status_class(status),
+            })
+            .inc();
+    }
+
     pub fn request_finished(&self, r: &RequestRecord) {
         let conn = r.connection.as_str();
         self.requests

@@ -129,6 +129,14 @@ impl Observer {
         self.metrics.forwarded(connection, direction);
     }
 
+    /// Cluster mode: a request of `connection` on a connection this replica
+    /// relays was answered `status` by the replica it is relayed to (so a
+    /// relayed request is in `gitproxy_requests_total` of both replicas, as a
+    /// request forwarded per request is).
+    pub fn relayed_request(&self, connection: &str, status: u16) {
+        self.metrics.relayed_request(connection, status);
+    }
+
     /// Cluster mode: a caller connection was relayed whole to another
     /// replica (`"out"`) or received from one (`"in"`).
     pub fn relayed(&self, direction: &'static str) {

@@ -283,6 +283,13 @@ async fn a_caller_connection_is_relayed_whole_and_continues_here_when_it_must() 
     assert_eq!(relayed(r0, "in").await, 1.0);
     let in_r0 = r#"gitproxy_forwarded_requests_total{connection="acme",direction="in"}"#;
     assert_eq!(metric(r0, in_r0).await, 7.0, "every request counted at r0");
+    // And by status at both ends, as a request forwarded per request is.
+    for (b, n) in [(r0, 6.0), (r1, 6.0)] {
+        let ok = r#"gitproxy_requests_total{connection="acme",status_class="2xx"}"#;
+        assert_eq!(metric(b, ok).await, n);
+        let nf = r#"gitproxy_requests_total{connection="acme",status_class="4xx"}"#;
+        assert_eq!(metric(b, nf).await, 1.0);
+    }
 
     // Same connection, a request for r1's own agent: served by r1.
     let g = c.send("GET", "/gitlab/beta/api/v4/version", empty()).await;

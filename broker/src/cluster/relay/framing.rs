@@ -105,6 +105,8 @@ pub fn request_head(buf: &[u8]) -> Result<Option<RequestHead>, Malformed> {
 pub struct ResponseHead {
     /// Bytes of the head.
     pub len: usize,
+    /// The status code.
+    pub status: u16,
     /// A 1xx answer other than 101: the final one follows.
     pub interim: bool,
     /// Its body.
@@ -128,6 +130,7 @@ pub fn response_head(buf: &[u8], is_head: bool) -> Result<Option<ResponseHead>, 
     if (100..200).contains(&status) && status != 101 {
         return Ok(Some(ResponseHead {
             len,
+            status,
             interim: true,
             body: BodyLen::Empty,
         }));
@@ -161,6 +164,7 @@ pub fn response_head(buf: &[u8], is_head: bool) -> Result<Option<ResponseHead>, 
     };
     Ok(Some(ResponseHead {
         len,
+        status,
         interim: false,
         body,
     }))

@@ -8,6 +8,7 @@ use super::{CLIENT_HEADER, PREAMBLE_LINE};
 use crate::cluster::peer::{AUTH_HEADER, CONNECT_TIMEOUT, FROM_HEADER};
 use crate::cluster::Cluster;
 use crate::config::Mode;
+use crate::observe::Observer;
 use crate::state::AppState;
 use bytes::{Bytes, BytesMut};
 use gitproxy_shared::errors::{ErrorCode, GitproxyError};
@@ -56,6 +57,8 @@ pub struct Outbound {
 /// A request sent to the peer whose answer is not complete.
 #[derive(Debug, Clone)]
 struct Sent {
+    /// The connection it is for (its answer is counted there).
+    conn: Arc<str>,
     is_head: bool,
     /// Bytes of its answer were written to the caller.
     started: bool,
@@ -290,7 +293,7 @@ impl Outbound {
             r
         };
         let down = async {
-            let r = downstream(peer_rd, wr, &shared).await;
+            let r = downstream(peer_rd, wr, &shared, &self.state.observer).await;
             shared.peer_gone.cancel();
             r
         };
@@ -387,6 +390,7 @@ impl Outbound {
                     .idempotent_bodyless
                     .then(|| Bytes::copy_from_slice(&buf[k..k + head.len]));
                 sh.sent().push_back(Sent {
+                    conn: dest.conn.as_str().into(),
                     is_head: head.is_head,
                     started: false,
                     replay,
@@ -458,6 +462,7 @@ async fn downstream<W: AsyncWrite + Unpin>(
     mut peer: OwnedReadHalf,
     mut wr: W,
     sh: &Shared,
+    observer: &Observer,
 ) -> (W, DownEnd) {
     let mut buf = BytesMut::with_capacity(BUF_BYTES);
     let mut body: Option<BodyCounter> = None;
@@ -483,7 +488,11 @@ async fn downstream<W: AsyncWrite + Unpin>(
             if k == buf.len() {
                 break;
             }
-            let Some(front_is_head) = sh.sent().get(completed).map(|s| s.is_head) else {
+            let front = sh
+                .sent()
+                .get(completed)
+                .map(|s| (s.is_head, s.conn.clone()));
+            let Some((front_is_head, front_conn)) = front else {
                 // Bytes nobody asked for.
                 broken = true;
                 break;
@@ -498,6 +507,7 @@ async fn downstream<W: AsyncWrite + Unpin>(
                     if h.interim {
                         continue;
                     }
+                    observer.relayed_request(&front_conn, h.status);
                     let c = BodyCounter::new(h.body);
                     if c.done() {
                         completed += 1;

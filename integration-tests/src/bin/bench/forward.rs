@@ -3,8 +3,9 @@
 //! Cluster mode on loopback: a real `redis-server`, two replicas (`r0`,
 //! `r1`) and one agent connected to `r0`. The same small requests go to
 //! `r0`'s front door (**local**: the agent is on the replica asked) and to
-//! `r1`'s (**forwarded**: `r1` finds the agent in the registry and forwards
-//! over the peer channel to `r0`), in the same run; direct access to the
+//! `r1`'s (**forwarded**: `r1` finds the agent in the registry and relays
+//! the load generator's HTTP/1.1 connections whole to `r0`'s peer listener,
+//! `broker/src/cluster/relay`), in the same run; direct access to the
 //! upstream is measured alongside as the floor.
 
 use super::{agent_env, cpu_secs, load, loadavg, num, until_ok, Load, Plan, Report, TOKEN};
@@ -105,7 +106,7 @@ pub async fn forward(plan: &Plan, r: &mut Report) -> Result<()> {
     let requests: u64 = c64.iter().chain(&c1).map(|l| l.requests).sum();
     let tool = plan.tool();
     let notes = [
-        format!("GET `/api/v4/json1k` (1 KiB JSON); a real `redis-server`, replicas r0 and r1 in cluster mode (peer channel: pooled keep-alive HTTP/1.1 with the shared secret), one agent connected to r0; local = r0's front door, forwarded = r1's; {} s per run with {tool}", plan.secs),
+        format!("GET `/api/v4/json1k` (1 KiB JSON); a real `redis-server`, replicas r0 and r1 in cluster mode, one agent connected to r0; local = r0's front door, forwarded = r1's (the load generator's HTTP/1.1 connections are relayed whole to r0: `broker/src/cluster/relay`); {} s per run with {tool}", plan.secs),
         format!(
             "added p50 latency of the forwarded hop at c=1: forwarded − local = **{:.0} µs** (target ≤ 150 µs)",
             c1[2].p50_us - c1[1].p50_us
