@@ -380,6 +380,7 @@ mod tests {
         RemoteAgent {
             replica: replica.into(),
             peer: "127.0.0.1:1".into(),
+            relay: true,
             entry: AgentEntry {
                 instance: "a".into(),
                 version: "1".into(),

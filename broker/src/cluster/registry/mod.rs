@@ -3,7 +3,7 @@
 //! one that does.
 //!
 //! Keys (all under `gitproxy:`; see docs/architecture.md, "Cluster mode"):
-//! - `gitproxy:replica:{id}`: JSON `{"peer", "started"}`, TTL `--registry-ttl`
+//! - `gitproxy:replica:{id}`: JSON `{"peer", "started", "relay"}`, TTL `--registry-ttl`
 //!   ([`DEFAULT_REPLICA_TTL`]), refreshed every third of it. A replica is
 //!   *live* while it exists.
 //! - `gitproxy:replicas`: set of the replica ids registered (dead ones are
@@ -102,6 +102,11 @@ pub struct ReplicaInfo {
     pub peer: String,
     /// RFC 3339 (milliseconds): when this process started.
     pub started: String,
+    /// Its peer listener takes relayed caller connections
+    /// (`cluster::relay`); absent (false) from replicas older than that, to
+    /// which requests are forwarded one by one during a rolling upgrade.
+    #[serde(default)]
+    pub relay: bool,
 }
 
 /// The value of an agent stream's field.
@@ -126,6 +131,8 @@ pub struct RemoteAgent {
     pub replica: String,
     /// Where that replica's peer listener is.
     pub peer: String,
+    /// That replica takes relayed caller connections.
+    pub relay: bool,
     /// What the registry says about the stream.
     pub entry: AgentEntry,
 }
@@ -182,6 +189,7 @@ impl ClusterRegistry {
         let info = serde_json::to_string(&ReplicaInfo {
             peer: peer.to_string(),
             started: rfc3339(started),
+            relay: true,
         })
         .unwrap_or_default();
         ClusterRegistry {
@@ -299,5 +307,38 @@ impl ClusterRegistry {
     /// When this process started (as written in its replica key).
     pub fn started(&self) -> SystemTime {
         self.started
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replica_older_than_the_relay_is_not_relayed_to() {
+        // What a replica of the previous version writes: no `relay`.
+        let old: ReplicaInfo = serde_json::from_str(
+            r#"{"peer":"10.0.0.1:8444","started":"2026-12-01T00:00:00.000Z"}"#,
+        )
+        .expect("parses");
+        assert!(!old.relay);
+        let new = ReplicaInfo {
+            peer: "10.0.0.2:8444".into(),
+            started: "2026-12-03T00:00:00.000Z".into(),
+            relay: true,
+        };
+        let text = serde_json::to_string(&new).expect("json");
+        assert!(text.contains(r#""relay":true"#), "{text}");
+        // And the previous version (this struct without `relay`) reads it.
+        #[derive(Deserialize)]
+        struct Previous {
+            peer: String,
+            started: String,
+        }
+        let p: Previous = serde_json::from_str(&text).expect("the previous version reads it");
+        assert_eq!(
+            (p.peer.as_str(), p.started.as_str()),
+            ("10.0.0.2:8444", "2026-12-03T00:00:00.000Z")
+        );
     }
 }

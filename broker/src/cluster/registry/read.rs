@@ -196,6 +196,7 @@ impl ClusterRegistry {
                     list.push(RemoteAgent {
                         replica: replica.to_string(),
                         peer: info.peer.clone(),
+                        relay: info.relay,
                         entry,
                     });
                 }

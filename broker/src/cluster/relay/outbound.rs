@@ -181,7 +181,11 @@ impl Outbound {
             return None;
         }
         let remote = self.cluster.registry.lookup(&conn.id, false).await.ok()?;
-        let ready: Vec<_> = remote.iter().filter(|a| !a.entry.draining).collect();
+        // A replica older than the relay gets requests one by one.
+        let ready: Vec<_> = remote
+            .iter()
+            .filter(|a| !a.entry.draining && a.relay)
+            .collect();
         let t = match current {
             Some(cur) => *ready.iter().find(|a| a.peer == cur)?,
             // Agents of a connection on several replicas share its load.
@@ -213,7 +217,9 @@ impl Outbound {
             match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
                 Ok(Ok(0)) | Ok(Err(_)) if buf.is_empty() => return Ending::Closed,
                 Ok(Ok(n)) if n > 0 => {}
-                // hyper answers or times out what the relay does not take.
+                // The head had its header-read timeout here already.
+                Err(_) => return Ending::Closed,
+                // hyper answers what the relay does not take.
                 _ => return Ending::Local(buf.freeze(), io, None),
             }
             match framing::request_head(&buf) {
