@@ -15,6 +15,7 @@ use gitproxy_integration_tests::harness::broker::{Broker, BrokerSpec, ConnSpec};
 use gitproxy_integration_tests::harness::cluster::{
     peer_addr, start_replicas, ClusterFiles, PEER_SECRET,
 };
+use gitproxy_integration_tests::harness::pki::Ca;
 use gitproxy_integration_tests::harness::redis::Redis;
 use gitproxy_integration_tests::harness::upstream::Upstream;
 use gitproxy_integration_tests::harness::{until, WAIT};
@@ -55,9 +56,47 @@ fn caller(h2: bool) -> reqwest::Client {
     b.build().expect("client")
 }
 
+/// How the tests reach a replica's api listener: plain, or TLS with a CA
+/// made in the test (`https://localhost:PORT`).
+#[derive(Clone, Default)]
+struct Api {
+    ca_pem: Option<Vec<u8>>,
+}
+
+impl Api {
+    fn base(&self, b: &Broker) -> String {
+        match self.ca_pem {
+            Some(_) => format!("https://localhost:{}", b.api_addr.port()),
+            None => b.api(),
+        }
+    }
+
+    /// A client sending the API key; `alpn` for TLS.
+    fn client(&self, b: &Broker, alpn: &[u8]) -> reqwest::Client {
+        let Some(ca) = &self.ca_pem else {
+            return caller(false);
+        };
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert("x-gitproxy-key", API_KEY.parse().expect("value"));
+        plain_builder()
+            .tls_backend_preconfigured(
+                gitproxy_shared::tls::client_config(ca, &[alpn]).expect("tls config"),
+            )
+            .resolve("localhost", b.api_addr)
+            .default_headers(headers)
+            .build()
+            .expect("client")
+    }
+}
+
 async fn metric(b: &Broker, line_prefix: &str) -> f64 {
-    let text = caller(false)
-        .get(format!("{}/metrics", b.api()))
+    metric_via(&Api::default(), b, line_prefix).await
+}
+
+async fn metric_via(api: &Api, b: &Broker, line_prefix: &str) -> f64 {
+    let text = api
+        .client(b, b"http/1.1")
+        .get(format!("{}/metrics", api.base(b)))
         .send()
         .await
         .expect("send")
@@ -79,13 +118,14 @@ async fn relayed(b: &Broker, direction: &str) -> f64 {
 }
 
 /// Waits until `b` sees the agent of `conn` on `replica`.
-async fn wait_agent_on(b: &Broker, conn: &str, replica: &str) {
+async fn wait_agent_on(api: &Api, b: &Broker, conn: &str, replica: &str) {
+    let http = api.client(b, b"http/1.1");
     until(
         &format!("{} to see the agent of {conn} on {replica}", b.api()),
         WAIT,
         || async {
-            let r = caller(false)
-                .get(format!("{}/v1/connections/{conn}", b.api()))
+            let r = http
+                .get(format!("{}/v1/connections/{conn}", api.base(b)))
                 .send()
                 .await
                 .ok()?;
@@ -110,11 +150,12 @@ fn served_by(resp: &reqwest::Response) -> String {
 
 /// Two replicas; connection `acme` has its agent on r0, `beta` on r1.
 async fn two_replicas() -> (Redis, Upstream, Vec<Broker>, ClusterFiles, [Agent; 2]) {
-    two_replicas_with(&[]).await
+    two_replicas_with(&Api::default(), &[]).await
 }
 
-/// [`two_replicas`] with extra broker arguments.
+/// [`two_replicas`] with extra broker arguments, reached through `api`.
 async fn two_replicas_with(
+    api: &Api,
     extra: &[&str],
 ) -> (Redis, Upstream, Vec<Broker>, ClusterFiles, [Agent; 2]) {
     let redis = Redis::start(None).await;
@@ -136,8 +177,8 @@ async fn two_replicas_with(
         Agent::start("agent-acme", &replicas[0].agent_url(), KEY_ACME, &[]).await,
         Agent::start("agent-beta", &replicas[1].agent_url(), KEY_BETA, &[]).await,
     ];
-    wait_agent_on(&replicas[1], "acme", "r0").await;
-    wait_agent_on(&replicas[0], "beta", "r1").await;
+    wait_agent_on(api, &replicas[1], "acme", "r0").await;
+    wait_agent_on(api, &replicas[0], "beta", "r1").await;
     (redis, up, replicas, files, agents)
 }
 
@@ -339,7 +380,7 @@ async fn a_caller_connection_is_relayed_whole_and_continues_here_when_it_must() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relaying_replica_closes_an_idle_relayed_connection() {
     let (_redis, _up, replicas, _files, _agents) =
-        two_replicas_with(&["--idle-timeout", "1s"]).await;
+        two_replicas_with(&Api::default(), &["--idle-timeout", "1s"]).await;
     let mut c = OneConnection::open(&replicas[1].front("acme")).await;
     let g = c.send("GET", "/gitlab/acme/api/v4/version", empty()).await;
     assert_eq!((g.status, g.served_by()), (200, "r0"));
@@ -359,6 +400,44 @@ async fn the_relaying_replica_closes_an_idle_relayed_connection() {
     let g = c.send("GET", "/gitlab/acme/api/v4/version", empty()).await;
     assert_eq!((g.status, g.served_by()), (200, "r0"));
     assert_eq!(relayed(&replicas[1], "out").await, 2.0);
+}
+
+/// Callers over TLS (`--api-tls-cert`, ALPN `http/1.1`): the relaying
+/// replica ends TLS and relays the plaintext; HTTP/2 over TLS (ALPN `h2`)
+/// is forwarded per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_caller_connection_is_relayed_too() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new("relay api CA");
+    let (cert, key) = ca
+        .leaf(&["localhost", "127.0.0.1"])
+        .write(dir.path(), "api");
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+    let api = Api {
+        ca_pem: Some(ca.pem.as_bytes().to_vec()),
+    };
+    let (_redis, _up, replicas, _files, _agents) =
+        two_replicas_with(&api, &["--api-tls-cert", &cert, "--api-tls-key", &key]).await;
+    let r1 = &replicas[1];
+    let front = format!("{}/gitlab/acme/api/v4/version", api.base(r1));
+    for (alpn, version) in [
+        (&b"http/1.1"[..], reqwest::Version::HTTP_11),
+        (&b"h2"[..], reqwest::Version::HTTP_2),
+    ] {
+        let http = api.client(r1, alpn);
+        for _ in 0..2 {
+            let r = http.get(&front).send().await.expect("send");
+            assert_eq!(r.version(), version);
+            assert_eq!((r.status().as_u16(), served_by(&r)), (200, "r0".into()));
+            assert_eq!(
+                r.text().await.expect("body"),
+                r#"{"version":"17.5.0","revision":"test"}"#
+            );
+        }
+        // One HTTP/1.1 connection relayed; HTTP/2 never.
+        let out = r#"gitproxy_relayed_connections_total{direction="out"}"#;
+        assert_eq!(metric_via(&api, r1, out).await, 1.0, "{version:?}");
+    }
 }
 
 /// The real curl through a relayed connection: `Expect: 100-continue` (an
