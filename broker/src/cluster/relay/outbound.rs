@@ -6,8 +6,9 @@
 use super::framing::{self, BodyCounter, BodyLen};
 use super::{CLIENT_HEADER, PREAMBLE_LINE};
 use crate::cluster::peer::{AUTH_HEADER, CONNECT_TIMEOUT, FROM_HEADER};
+use crate::cluster::registry::RemoteAgent;
 use crate::cluster::Cluster;
-use crate::config::Mode;
+use crate::config::{Connection, Mode};
 use crate::observe::Observer;
 use crate::state::AppState;
 use bytes::{Bytes, BytesMut};
@@ -58,7 +59,7 @@ pub struct Outbound {
 #[derive(Debug, Clone)]
 struct Sent {
     /// The connection it is for (its answer is counted there).
-    conn: Arc<str>,
+    conn: Arc<Connection>,
     is_head: bool,
     /// Bytes of its answer were written to the caller.
     started: bool,
@@ -68,11 +69,11 @@ struct Sent {
     replay: Option<Bytes>,
 }
 
-/// Where a request goes.
-struct Destination {
-    conn: String,
-    replica: String,
-    peer: String,
+/// A stream another replica holds that a connection can be relayed to: not
+/// draining, and on a replica that takes relayed connections (one older
+/// than the relay gets requests one by one).
+fn relay_target(a: &RemoteAgent) -> bool {
+    !a.entry.draining && a.relay
 }
 
 /// The caller-facing limits the relay applies itself (the peer sees a
@@ -168,12 +169,10 @@ impl Outbound {
         }
     }
 
-    /// The peer a request for `path` goes to, if it goes to another replica:
-    /// an agent-mode connection with no ready stream here and a ready one
-    /// there (`frontdoor::route`'s rule; anything else is served here).
-    /// `current`: the peer this connection is relayed to, kept while it
-    /// holds a ready stream of the connection (others are chosen at random).
-    async fn destination(&self, path: &str, current: Option<&str>) -> Option<Destination> {
+    /// The agent-mode connection a request for `path` is for, with the
+    /// agent streams other replicas hold, when it has no ready stream here
+    /// (`frontdoor::route`'s rule; anything else is served here).
+    async fn remote(&self, path: &str) -> Option<(Arc<Connection>, Arc<[RemoteAgent]>)> {
         let rest = path.strip_prefix("/gitlab/")?;
         let name = rest.split(['/', '?']).next()?;
         let conn = self.state.connections().get(name)?;
@@ -181,22 +180,7 @@ impl Outbound {
             return None;
         }
         let remote = self.cluster.registry.lookup(&conn.id, false).await.ok()?;
-        // A replica older than the relay gets requests one by one.
-        let ready: Vec<_> = remote
-            .iter()
-            .filter(|a| !a.entry.draining && a.relay)
-            .collect();
-        let t = match current {
-            Some(cur) => *ready.iter().find(|a| a.peer == cur)?,
-            // Agents of a connection on several replicas share its load.
-            None if !ready.is_empty() => ready[rand::random_range(0..ready.len())],
-            None => return None,
-        };
-        Some(Destination {
-            conn: conn.id.clone(),
-            replica: t.replica.clone(),
-            peer: t.peer.clone(),
-        })
+        Some((conn, remote))
     }
 
     /// Serves a fresh HTTP/1.1 connection: relays it when its first request
@@ -231,10 +215,16 @@ impl Outbound {
         if !head.relayable {
             return Ending::Local(buf.freeze(), io, None);
         }
-        let Some(dest) = self.destination(&head.path, None).await else {
+        let Some((_, remote)) = self.remote(&head.path).await else {
             return Ending::Local(buf.freeze(), io, None);
         };
-        let (replica, peer_addr) = (dest.replica, dest.peer);
+        // Agents of a connection on several replicas share its load.
+        let ready: Vec<&RemoteAgent> = remote.iter().filter(|a| relay_target(a)).collect();
+        if ready.is_empty() {
+            return Ending::Local(buf.freeze(), io, None);
+        }
+        let t = ready[rand::random_range(0..ready.len())];
+        let (replica, peer_addr) = (t.replica.clone(), t.peer.clone());
         let peers = &self.cluster.peers;
         if peers.recently_failed(&peer_addr).is_some() {
             return Ending::Local(buf.freeze(), io, None);
@@ -387,16 +377,24 @@ impl Outbound {
                     }
                 };
                 // Draining here changes nothing: the peer serves it.
-                let Some(dest) = self.destination(&head.path, Some(peer_addr)).await else {
+                let Some((conn, remote)) = self.remote(&head.path).await else {
                     stop = Some(UpEnd::Local);
                     break;
                 };
-                self.state.observer.forwarded(&dest.conn, "out");
+                // Kept while the peer holds a ready stream of the connection.
+                if !remote
+                    .iter()
+                    .any(|a| relay_target(a) && a.peer == peer_addr)
+                {
+                    stop = Some(UpEnd::Local);
+                    break;
+                }
+                self.state.observer.forwarded(&conn.id, "out");
                 let replay = head
                     .idempotent_bodyless
                     .then(|| Bytes::copy_from_slice(&buf[k..k + head.len]));
                 sh.sent().push_back(Sent {
-                    conn: dest.conn.as_str().into(),
+                    conn,
                     is_head: head.is_head,
                     started: false,
                     replay,
@@ -513,7 +511,7 @@ async fn downstream<W: AsyncWrite + Unpin>(
                     if h.interim {
                         continue;
                     }
-                    observer.relayed_request(&front_conn, h.status);
+                    observer.relayed_request(&front_conn.id, h.status);
                     let c = BodyCounter::new(h.body);
                     if c.done() {
                         completed += 1;
